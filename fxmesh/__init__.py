@@ -1,0 +1,34 @@
+"""fxmesh: a torch.compile backend for optimizers whose parameters span several DeviceMeshes.
+
+``import fxmesh`` registers the ``fxmesh`` backend (the ``torch_dynamo_backends``
+entry point registers it without an import).
+"""
+
+from __future__ import annotations
+
+from fxmesh.backend import FxmeshBackend, backend, fxmesh_backend
+from fxmesh.errors import EagerFallback, FxmeshError, UnsupportedInputError
+
+__all__ = [
+    "EagerFallback",
+    "FxmeshBackend",
+    "FxmeshError",
+    "UnsupportedInputError",
+    "backend",
+    "fxmesh_backend",
+]
+
+
+def _register() -> None:
+    # When Dynamo loads fxmesh through its entry point it registers the backend
+    # itself, right after this import; registering here too would collide.
+    from importlib.metadata import EntryPoint
+
+    from torch._dynamo.backends import registry
+
+    if "fxmesh" in registry._COMPILER_FNS or isinstance(registry._BACKENDS.get("fxmesh"), EntryPoint):
+        return
+    registry.register_backend(compiler_fn=fxmesh_backend, name="fxmesh")
+
+
+_register()

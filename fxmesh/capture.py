@@ -1,0 +1,66 @@
+"""Let Dynamo trace torch.optim's fused functions, only for frames fxmesh compiles.
+
+Dynamo's ``TorchPatcher`` wraps ``torch.optim.<name>._fused_<name>`` in
+``torch.compiler.disable`` the first time anything compiles, so a fused
+optimizer step always graph-breaks and runs eagerly.  fxmesh needs the fused
+call in the graph to split and lower it.
+
+:func:`install` wraps Dynamo's handling of calls to disabled functions.  The
+wrapper inlines the original function only when both hold: the function is a
+fused optimizer function whose op fxmesh can lower, and the frame being traced
+is compiled by an fxmesh backend.  Every other call, and every call under any
+other backend, takes Dynamo's own path unchanged.  Dynamo guards on the
+original function's code, reached through the wrapper, so later calls do not
+recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch._dynamo.source import AttrSource
+from torch._dynamo.variables.functions import SkipFunctionVariable, UserFunctionVariable
+
+__all__ = ["CAPTURED_FUNCTIONS", "install"]
+
+# module.function of the fused optimizer functions fxmesh can lower.
+CAPTURED_FUNCTIONS = frozenset({"torch.optim.adam._fused_adam", "torch.optim.adamw._fused_adamw"})
+
+
+def _captured_function(value: Any) -> Any:
+    inner = inspect.getattr_static(value, "_torchdynamo_orig_callable", None)
+    if inner is None:
+        return None
+    name = f"{getattr(inner, '__module__', '')}.{getattr(inner, '__name__', '')}"
+    return inner if name in CAPTURED_FUNCTIONS else None
+
+
+def _compiling_with_fxmesh(tx: Any) -> bool:
+    from fxmesh.backend import FxmeshBackend
+
+    fn = getattr(tx.output, "compiler_fn", None)
+    seen = set()
+    while fn is not None and id(fn) not in seen:
+        if isinstance(fn, FxmeshBackend):
+            return True
+        seen.add(id(fn))
+        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+    return False
+
+
+@functools.cache
+def install() -> None:
+    """Install the scoped hook (idempotent)."""
+    dynamo_call_function = SkipFunctionVariable.call_function
+
+    @functools.wraps(dynamo_call_function)
+    def call_function(self: SkipFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
+        inner = _captured_function(self.value)
+        if inner is None or not _compiling_with_fxmesh(tx):
+            return dynamo_call_function(self, tx, args, kwargs)
+        source = AttrSource(self.source, "_torchdynamo_orig_callable") if self.source else None
+        return UserFunctionVariable(inner, source=source).call_function(tx, args, kwargs)
+
+    SkipFunctionVariable.call_function = call_function

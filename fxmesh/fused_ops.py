@@ -1,0 +1,53 @@
+"""The fused optimizer ops fxmesh understands, and how to read their arguments.
+
+The fused kernels take parallel tensor lists (entry ``i`` of every list belongs
+to parameter ``i``) plus per-call scalars.  A pass binds a node's arguments by
+name through :func:`bind` rather than by position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx
+
+__all__ = ["FUSED_OPS", "FusedOp", "bind", "fused_op"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedOp:
+    name: str
+    # Positional tensor-list arguments, parameters first.  A list is either as
+    # long as ``params`` or empty (e.g. ``max_exp_avg_sqs`` without amsgrad).
+    list_args: tuple[str, ...]
+    # Keyword arguments that may be 0-dim tensors shared by every parameter.
+    scalar_tensor_args: tuple[str, ...]
+
+
+_ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+_ADAM_SCALARS = ("lr", "grad_scale", "found_inf")
+
+FUSED_OPS: dict[Any, FusedOp] = {
+    torch._fused_adam_: FusedOp("adam", _ADAM_LISTS, _ADAM_SCALARS),
+    torch._fused_adamw_: FusedOp("adamw", _ADAM_LISTS, _ADAM_SCALARS),
+}
+
+
+def fused_op(node: torch.fx.Node) -> FusedOp | None:
+    """The spec of ``node`` if it calls a fused optimizer op, else None."""
+    if node.op != "call_function":
+        return None
+    return FUSED_OPS.get(node.target)
+
+
+def bind(node: torch.fx.Node, op: FusedOp) -> dict[str, Any]:
+    """``node``'s arguments by name: lists as lists of nodes, the rest as given."""
+    if len(node.args) > len(op.list_args):
+        raise ValueError(f"{node.format_node()}: too many positional arguments for {op.name}")
+    bound = dict(zip(op.list_args, node.args))
+    bound.update(node.kwargs)
+    for name in op.list_args:
+        bound[name] = list(bound.get(name) or ())
+    return bound

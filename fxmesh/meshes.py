@@ -1,0 +1,115 @@
+"""One place that reads DTensor metadata off FX nodes and groups tensors by mesh.
+
+Dynamo graphs carry the traced value of a node in ``meta["example_value"]``;
+graphs produced by ``make_fx``/export carry it in ``meta["val"]``.  Every pass
+reads metadata through :func:`example_value` so that a missing value is noticed
+in one place instead of being guessed at in several.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from fxmesh.errors import EagerFallback
+
+__all__ = [
+    "MeshKey",
+    "MissingMetadataError",
+    "describe_mesh",
+    "example_value",
+    "group_by_mesh",
+    "mesh_key",
+    "node_mesh_key",
+]
+
+
+class MissingMetadataError(EagerFallback):
+    """A node that a pass must understand carries no traced value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshKey:
+    """Where a tensor lives: a DeviceMesh for DTensors, else a plain device."""
+
+    mesh: DeviceMesh | None
+    device: torch.device
+
+    def __str__(self) -> str:
+        return describe_mesh(self.mesh) if self.mesh is not None else f"plain {self.device}"
+
+
+def example_value(node: torch.fx.Node) -> Any:
+    """The traced (fake) value of ``node``, or None when the graph has none."""
+    if "example_value" in node.meta:
+        return node.meta["example_value"]
+    return node.meta.get("val")
+
+
+def describe_mesh(mesh: DeviceMesh) -> str:
+    """A short readable name for a mesh, e.g. ``ep(dp_mod_ep=2, ep=4)``."""
+    names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
+    dims = ", ".join(f"{n}={s}" for n, s in zip(names, mesh.shape))
+    return f"{names[-1]}({dims})"
+
+
+def mesh_key(value: Any) -> MeshKey:
+    """The mesh key of a traced tensor value."""
+    if isinstance(value, DTensor):
+        return MeshKey(value.device_mesh, value.device)
+    if isinstance(value, torch.Tensor):
+        return MeshKey(None, value.device)
+    raise TypeError(f"expected a tensor, got {type(value).__name__}")
+
+
+def node_mesh_key(node: torch.fx.Node, what: str) -> MeshKey:
+    """The mesh key of ``node``; ``what`` names the node in the error if it has no value."""
+    value = example_value(node)
+    if value is None:
+        raise MissingMetadataError(
+            f"{what} ({node.format_node()}) has no example value, so its mesh cannot be read"
+        )
+    return mesh_key(value)
+
+
+def group_by_mesh(keys: Iterable[MeshKey]) -> dict[MeshKey, list[int]]:
+    """Indices grouped by key, groups in order of first appearance."""
+    groups: dict[MeshKey, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def propagate_example_value(node: torch.fx.Node, fake_mode: Any) -> None:
+    """Compute ``node``'s example value from its inputs' under ``fake_mode``."""
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example_value)
+    with fake_mode:
+        if node.op == "call_function":
+            value = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            raise ValueError(f"cannot propagate a value through {node.op} nodes")
+    node.meta["example_value"] = value
+
+
+def graph_fake_mode(gm: torch.fx.GraphModule) -> Any:
+    """The fake mode the graph's example values were traced under.
+
+    Read off the values themselves: the ambient tracing context may hold a
+    fresh fake mode by the time a backend runs.
+    """
+    for node in gm.graph.nodes:
+        value = example_value(node)
+        if isinstance(value, DTensor):
+            value = value._local_tensor
+        if isinstance(value, FakeTensor):
+            return value.fake_mode
+    raise MissingMetadataError("the graph carries no fake example values")

@@ -1,0 +1,177 @@
+"""Lower fused Adam/AdamW calls to pointwise math that Inductor generates kernels for.
+
+Why: ``torch._fused_adam_``/``torch._fused_adamw_`` are in-place ops with no
+decomposition; AOT functionalization rejects them and Inductor could only call
+them as extern kernels.  Written as pointwise torch ops, the update of each
+parameter becomes one generated kernel that reads and writes every buffer once.
+
+What: each call is replaced by, per parameter, the math of aten's fused kernel
+in its order of operations: the scalars (bias corrections, step size) in
+float64 as the kernel computes them on the host; the elementwise part in the
+parameter's opmath type (float32 for bf16/fp16 parameters); ``exp_avg`` updated
+with ``lerp``; ``grad_scale`` unscales and writes back the gradient;
+``found_inf == 1`` leaves every tensor unchanged.  Results are written back
+with ``copy_``, after all of a parameter's math, so the call stays in place.
+
+Pre: run after ``split_by_mesh``: every call has its tensors on one mesh and
+its scalar tensors on that mesh too.  Post: no fused Adam/AdamW node is left.
+Raises :class:`UnsupportedInputError` naming the parameter index for dtypes or
+layouts the fused kernel does not take.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from fxmesh.errors import UnsupportedInputError
+from fxmesh.fused_ops import bind, fused_op
+from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
+
+__all__ = ["lower_fused_adam"]
+
+_OPMATH = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+
+
+def _adam_update(
+    param: Proxy,
+    grad: Proxy,
+    exp_avg: Proxy,
+    exp_avg_sq: Proxy,
+    max_exp_avg_sq: Proxy | None,
+    step: Proxy,
+    *,
+    opmath: torch.dtype,
+    lr: float | Proxy,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Proxy | None,
+    found_inf: Proxy | None,
+) -> None:
+    """One parameter's fused Adam(W) update, traced onto the graph."""
+
+    def up(t: Proxy) -> Proxy:
+        return t if example_value(t.node).dtype == opmath else t.to(opmath)
+
+    step = step.to(torch.float64)
+    lr64 = lr.to(torch.float64) if isinstance(lr, Proxy) else lr
+    bias_correction1 = 1 - torch.pow(beta1, step)
+    bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt().to(opmath)
+    step_size = (lr64 / bias_correction1).to(opmath)
+
+    p = up(param)
+    g = up(grad)
+    if grad_scale is not None:
+        g = g / grad_scale.to(opmath)
+        unscaled_grad = g
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            decay = 1 - lr64 * weight_decay
+            p = p * (decay.to(opmath) if isinstance(decay, Proxy) else decay)
+        else:
+            g = g + p * weight_decay
+    m = torch.lerp(up(exp_avg), g, 1 - beta1)
+    v = up(exp_avg_sq) * beta2 + (1 - beta2) * g * g
+    outputs = [(exp_avg, m), (exp_avg_sq, v)]
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(up(max_exp_avg_sq), v)
+        outputs.append((max_exp_avg_sq, v))
+    denom = v.sqrt() / bias_correction2_sqrt + eps
+    p = p - step_size * m / denom
+    outputs.insert(0, (param, p))
+    if grad_scale is not None:
+        outputs.append((grad, unscaled_grad))
+
+    if found_inf is not None:
+        skip = found_inf == 1.0
+        outputs = [(dst, torch.where(skip, dst, new)) for dst, new in outputs]
+    for dst, new in outputs:
+        dst.copy_(new)
+
+
+def _check_entry(op_name: str, i: int, name: str, node: torch.fx.Node) -> None:
+    value = example_value(node)
+    if value is None:
+        raise UnsupportedInputError(f"fused {op_name}: {name}[{i}] ({node.name}) has no example value")
+    if value.layout != torch.strided:
+        raise UnsupportedInputError(
+            f"fused {op_name}: parameter {i}: {name} has layout {value.layout}; "
+            "the fused kernel takes dense (strided) tensors only"
+        )
+    if name != "state_steps" and value.dtype not in _OPMATH:
+        raise UnsupportedInputError(
+            f"fused {op_name}: parameter {i}: {name} has dtype {value.dtype}; "
+            f"the fused kernel takes {', '.join(map(str, _OPMATH))}"
+        )
+
+
+def lower_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
+    """Replace every fused Adam/AdamW call with per-parameter pointwise math."""
+    graph = gm.graph
+    tracer = GraphAppendingTracer(graph)
+    fake_mode = None
+    modified = False
+    for node in list(graph.nodes):
+        op = fused_op(node)
+        if op is None or op.name not in ("adam", "adamw"):
+            continue
+        args = bind(node, op)
+        lists = [args[name] for name in op.list_args]
+        for name, entries in zip(op.list_args, lists):
+            for i, entry in enumerate(entries):
+                _check_entry(op.name, i, name, entry)
+        fake_mode = fake_mode or graph_fake_mode(gm)
+
+        def proxy(n: Any) -> Any:
+            return Proxy(n, tracer) if isinstance(n, torch.fx.Node) else n
+
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+        before = node.prev
+        with graph.inserting_before(node):
+            for i in range(len(params)):
+                _adam_update(
+                    proxy(params[i]),
+                    proxy(grads[i]),
+                    proxy(exp_avgs[i]),
+                    proxy(exp_avg_sqs[i]),
+                    proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
+                    proxy(steps[i]),
+                    opmath=_OPMATH[example_value(params[i]).dtype],
+                    lr=proxy(args["lr"]),
+                    beta1=args["beta1"],
+                    beta2=args["beta2"],
+                    weight_decay=args["weight_decay"],
+                    eps=args["eps"],
+                    maximize=args["maximize"],
+                    decoupled_weight_decay=op.name == "adamw",
+                    grad_scale=proxy(args.get("grad_scale")),
+                    found_inf=proxy(args.get("found_inf")),
+                )
+        cursor = before.next
+        while cursor is not node:
+            propagate_example_value(cursor, fake_mode)
+            cursor.meta["fxmesh_lowered_from"] = node.name
+            cursor = cursor.next
+        graph.erase_node(node)
+        counters["fxmesh"]["lowered_nodes"] += 1
+        modified = True
+    if modified:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
