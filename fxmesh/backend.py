@@ -51,6 +51,7 @@ class FxmeshBackend:
         return f"FxmeshBackend(passes=[{names}], compiler={self.compiler!r})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        counters["fxmesh"]["graphs"] += 1
         try:
             modified = run_passes(gm, self.passes)
         except EagerFallback as e:

@@ -5,13 +5,18 @@ Dynamo's ``TorchPatcher`` wraps ``torch.optim.<name>._fused_<name>`` in
 optimizer step always graph-breaks and runs eagerly.  fxmesh needs the fused
 call in the graph to split and lower it.
 
-:func:`install` wraps Dynamo's handling of calls to disabled functions.  The
-wrapper inlines the original function only when both hold: the function is a
-fused optimizer function whose op fxmesh can lower, and the frame being traced
-is compiled by an fxmesh backend.  Every other call, and every call under any
-other backend, takes Dynamo's own path unchanged.  Dynamo guards on the
-original function's code, reached through the wrapper, so later calls do not
-recompile.
+:func:`install` wraps two of Dynamo's call handlers, and both act only while
+the frame being traced is compiled by an fxmesh backend:
+
+- calls to disabled functions: a fused optimizer function whose op fxmesh can
+  lower is inlined (the original, reached through the wrapper, which is also
+  what Dynamo guards on, so later calls do not recompile);
+- calls to ``torch._fused_adam_``/``torch._fused_adamw_``: recorded as the
+  mesh-aware stand-ins of :mod:`fxmesh.ops`, which Dynamo's fake-tensor run
+  accepts across meshes with a tensor ``lr``.
+
+Every other call, and every call under any other backend, takes Dynamo's own
+path unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from typing import Any
 
 from torch._dynamo.source import AttrSource
 from torch._dynamo.variables.functions import SkipFunctionVariable, UserFunctionVariable
+from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+
+from fxmesh.ops import MESH_AWARE_OPS
 
 __all__ = ["CAPTURED_FUNCTIONS", "install"]
 
@@ -64,3 +72,14 @@ def install() -> None:
         return UserFunctionVariable(inner, source=source).call_function(tx, args, kwargs)
 
     SkipFunctionVariable.call_function = call_function
+
+    dynamo_call_in_graph = TorchInGraphFunctionVariable.call_function
+
+    @functools.wraps(dynamo_call_in_graph)
+    def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
+        stand_in = MESH_AWARE_OPS.get(self.value)
+        if stand_in is None or not _compiling_with_fxmesh(tx):
+            return dynamo_call_in_graph(self, tx, args, kwargs)
+        return dynamo_call_in_graph(TorchInGraphFunctionVariable(stand_in), tx, args, kwargs)
+
+    TorchInGraphFunctionVariable.call_function = call_in_graph

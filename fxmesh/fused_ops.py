@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxmesh.ops import fused_adam_, fused_adamw_
+
 __all__ = ["FUSED_OPS", "FusedOp", "bind", "fused_op"]
 
 
@@ -29,9 +31,15 @@ class FusedOp:
 _ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
 _ADAM_SCALARS = ("lr", "grad_scale", "found_inf")
 
+_ADAM = FusedOp("adam", _ADAM_LISTS, _ADAM_SCALARS)
+_ADAMW = FusedOp("adamw", _ADAM_LISTS, _ADAM_SCALARS)
+
+# The aten ops, and the mesh-aware stand-ins that fxmesh's capture records.
 FUSED_OPS: dict[Any, FusedOp] = {
-    torch._fused_adam_: FusedOp("adam", _ADAM_LISTS, _ADAM_SCALARS),
-    torch._fused_adamw_: FusedOp("adamw", _ADAM_LISTS, _ADAM_SCALARS),
+    torch._fused_adam_: _ADAM,
+    torch._fused_adamw_: _ADAMW,
+    fused_adam_: _ADAM,
+    fused_adamw_: _ADAMW,
 }
 
 

@@ -1,0 +1,64 @@
+"""Mesh-aware stand-ins for the fused optimizer ops, recorded in fxmesh graphs.
+
+Dynamo runs every call it records on fake tensors.  ``torch._fused_adam(w)_``
+with a tensor ``lr`` over DTensors on several meshes fails there: DTensor
+replicates the plain ``lr`` onto the first parameter's mesh and then refuses the
+other meshes (its cross-mesh allowance covers ``state_steps`` only).  While
+fxmesh compiles, the capture hook records these functions instead.  Each does
+what the aten op does, one call per mesh with its scalar tensors made
+mesh-local, and the graph keeps a single node spanning all meshes for
+``split_by_mesh`` to split.  On fake tensors they do nothing: the ops return
+nothing and change no metadata, and aten has no fake kernel for the tensor-lr
+overloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed.tensor import DTensor, Replicate
+
+__all__ = ["MESH_AWARE_OPS", "fused_adam_", "fused_adamw_"]
+
+
+def _mesh_local(value: Any, mesh: Any) -> Any:
+    if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim() == 0:
+        return DTensor.from_local(value, mesh, (Replicate(),) * mesh.ndim, run_check=False)
+    return value
+
+
+def _per_mesh(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kwargs: dict[str, Any]) -> None:
+    locals_ = [p._local_tensor if isinstance(p, DTensor) else p for p in lists[0]]
+    if any(isinstance(t, FakeTensor) for t in locals_):
+        return
+    groups: dict[Any, list[int]] = {}
+    for i, p in enumerate(lists[0]):
+        groups.setdefault(p.device_mesh if isinstance(p, DTensor) else p.device, []).append(i)
+    for where, idx in groups.items():
+        sliced = [[entries[i] for i in idx] if entries else [] for entries in lists]
+        group_kwargs = kwargs
+        if not isinstance(where, torch.device):
+            sliced = [[_mesh_local(e, where) for e in entries] for entries in sliced]
+            group_kwargs = {k: _mesh_local(v, where) for k, v in kwargs.items()}
+        op(*sliced, **group_kwargs)
+
+
+@torch._dynamo.allow_in_graph
+def fused_adam_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
+    """``torch._fused_adam_`` over tensors on any number of meshes."""
+    _per_mesh(torch._fused_adam_, lists, kwargs)
+
+
+@torch._dynamo.allow_in_graph
+def fused_adamw_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
+    """``torch._fused_adamw_`` over tensors on any number of meshes."""
+    _per_mesh(torch._fused_adamw_, lists, kwargs)
+
+
+MESH_AWARE_OPS: dict[Any, Callable[..., None]] = {
+    torch._fused_adam_: fused_adam_,
+    torch._fused_adamw_: fused_adamw_,
+}

@@ -1,0 +1,90 @@
+"""Shared test helpers: DTensor parameter sets, eager references and parity checks."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+FP32_RTOL = 1e-5
+# One unit in the last place: the compiled and the eager kernel both compute in
+# float32 and may round a low-precision result to neighbouring values.
+LOW_PRECISION_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def rtol_for(dtype: torch.dtype) -> float:
+    return LOW_PRECISION_RTOL.get(dtype, FP32_RTOL)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| over the local shards, in float64."""
+    a, e = local(actual).double(), local(expected).double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_rel_close(actual, expected, rtol: float, what: str) -> None:
+    assert local(actual).shape == local(expected).shape, what
+    assert local(actual).dtype == local(expected).dtype, what
+    err = rel_error(actual, expected)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+def dtensor_params(meshes, dtype=torch.float32, seed=0) -> list[torch.nn.Parameter]:
+    """Parameters on all three meshes: 1-D and 2-D meshes, Shard/Replicate, uneven shards."""
+    g = torch.Generator().manual_seed(seed)
+    specs = [
+        ("dp", (16, 8), [Shard(0)]),
+        ("dp", (13, 5), [Shard(0)]),  # uneven: 13 rows over 8 ranks
+        ("dp", (7,), [Replicate()]),
+        ("ep", (8, 6, 4), [Shard(0), Shard(1)]),
+        ("ep", (6, 10), [Replicate(), Shard(1)]),
+        ("tp", (12, 7), [Shard(0), Shard(1)]),  # uneven on tp
+        ("tp", (9,), [Replicate(), Replicate()]),
+    ]
+    params = []
+    for mesh, shape, placements in specs:
+        full = torch.randn(shape, generator=g).to(dtype)
+        params.append(torch.nn.Parameter(distribute_tensor(full, meshes[mesh], placements)))
+    return params
+
+
+def clone_params(params) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = ()) -> None:
+    """The same fresh gradients on every parameter list (DTensor grads keep the param's layout)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    ref = params_lists[0]
+    grads = []
+    for i, p in enumerate(ref):
+        grads.append(None if i in none_at else torch.randn(local(p).shape, generator=g).to(p.dtype))
+    for params in params_lists:
+        for p, grad in zip(params, grads):
+            if grad is None:
+                p.grad = None
+            elif isinstance(p, DTensor):
+                p.grad = DTensor.from_local(
+                    grad.clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )
+            else:
+                p.grad = grad.clone()
+
+
+def assert_same_state(compiled_opt, eager_opt, rtol: float | None = None) -> None:
+    """Parameters and every state tensor of two optimizers agree; steps exactly."""
+    for gi, (gc, ge) in enumerate(zip(compiled_opt.param_groups, eager_opt.param_groups)):
+        for i, (pc, pe) in enumerate(zip(gc["params"], ge["params"])):
+            tol = rtol if rtol is not None else rtol_for(pe.dtype)
+            assert_rel_close(pc, pe, tol, f"group {gi} param {i}")
+            sc, se = compiled_opt.state.get(pc, {}), eager_opt.state.get(pe, {})
+            assert sc.keys() == se.keys(), f"group {gi} param {i}: state keys {sc.keys()} != {se.keys()}"
+            for k in se:
+                if k == "step":
+                    assert torch.equal(local(sc[k]), local(se[k])), f"group {gi} param {i}: step"
+                    assert sc[k].dtype == se[k].dtype and type(sc[k]) is type(se[k])
+                else:
+                    assert_rel_close(sc[k], se[k], tol, f"group {gi} param {i} state {k}")
