@@ -10,7 +10,9 @@ the frame being traced is compiled by an fxmesh backend:
 
 - calls to disabled functions: a fused optimizer function whose op fxmesh can
   lower is inlined (the original, reached through the wrapper, which is also
-  what Dynamo guards on, so later calls do not recompile);
+  what Dynamo guards on, so later calls do not recompile), and so is the
+  functional ``adam``/``adamw`` API with ``fused=True``, which torch.optim
+  disables under compile when the state steps are on CUDA;
 - calls to ``torch._fused_adam_``/``torch._fused_adamw_``: recorded as the
   mesh-aware stand-ins of :mod:`fxmesh.ops`, which Dynamo's fake-tensor run
   accepts across meshes with a tensor ``lr``.
@@ -31,18 +33,39 @@ from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
 
 from fxmesh.ops import MESH_AWARE_OPS
 
-__all__ = ["CAPTURED_FUNCTIONS", "install"]
+__all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
 
 # module.function of the fused optimizer functions fxmesh can lower.
-CAPTURED_FUNCTIONS = frozenset({"torch.optim.adam._fused_adam", "torch.optim.adamw._fused_adamw"})
+FUSED_FUNCTIONS = frozenset({"torch.optim.adam._fused_adam", "torch.optim.adamw._fused_adamw"})
+# Functional APIs that torch.optim disables under compile when the state steps
+# are on CUDA/XPU (``_disable_dynamo_if_unsupported``); captured only with fused=True.
+FUNCTIONAL_APIS = frozenset({"torch.optim.adam.adam", "torch.optim.adamw.adamw"})
 
 
-def _captured_function(value: Any) -> Any:
-    inner = inspect.getattr_static(value, "_torchdynamo_orig_callable", None)
-    if inner is None:
-        return None
+def _unwrap(value: Any, source: Any) -> tuple[Any, Any]:
+    """The function under Dynamo's disable wrappers, and a source that reaches it."""
+    for attr in ("_torchdynamo_orig_callable", "__wrapped__"):
+        inner = inspect.getattr_static(value, attr, None)
+        if inner is not None:
+            return _unwrap(inner, AttrSource(source, attr) if source else None)
+    return value, source
+
+
+def _captured_function(value: Any, source: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    inner, inner_source = _unwrap(value, source)
     name = f"{getattr(inner, '__module__', '')}.{getattr(inner, '__name__', '')}"
-    return inner if name in CAPTURED_FUNCTIONS else None
+    if inner is not value and name in FUSED_FUNCTIONS:
+        return inner, inner_source
+    fused = kwargs.get("fused")
+    if (
+        inner is not value
+        and name in FUNCTIONAL_APIS
+        and fused is not None
+        and fused.is_python_constant()
+        and fused.as_python_constant() is True
+    ):
+        return inner, inner_source
+    return None, None
 
 
 def _compiling_with_fxmesh(tx: Any) -> bool:
@@ -65,10 +88,9 @@ def install() -> None:
 
     @functools.wraps(dynamo_call_function)
     def call_function(self: SkipFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
-        inner = _captured_function(self.value)
+        inner, source = _captured_function(self.value, self.source, kwargs)
         if inner is None or not _compiling_with_fxmesh(tx):
             return dynamo_call_function(self, tx, args, kwargs)
-        source = AttrSource(self.source, "_torchdynamo_orig_callable") if self.source else None
         return UserFunctionVariable(inner, source=source).call_function(tx, args, kwargs)
 
     SkipFunctionVariable.call_function = call_function

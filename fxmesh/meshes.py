@@ -73,9 +73,7 @@ def node_mesh_key(node: torch.fx.Node, what: str) -> MeshKey:
     """The mesh key of ``node``; ``what`` names the node in the error if it has no value."""
     value = example_value(node)
     if value is None:
-        raise MissingMetadataError(
-            f"{what} ({node.format_node()}) has no example value, so its mesh cannot be read"
-        )
+        raise MissingMetadataError(f"{what} ({node.format_node()}) has no example value, so its mesh cannot be read")
     return mesh_key(value)
 
 

@@ -94,9 +94,7 @@ class _Localizer:
     def __call__(self, arg: Any) -> Any:
         if not isinstance(arg, torch.fx.Node) or not _is_scalar(arg):
             return arg
-        local = self.graph.call_function(
-            DTensor.from_local, (arg, self.mesh, self.placements), {"run_check": False}
-        )
+        local = self.graph.call_function(DTensor.from_local, (arg, self.mesh, self.placements), {"run_check": False})
         propagate_example_value(local, self.fake_mode)
         return local
 

@@ -67,9 +67,7 @@ def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = ()) -> None:
             if grad is None:
                 p.grad = None
             elif isinstance(p, DTensor):
-                p.grad = DTensor.from_local(
-                    grad.clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-                )
+                p.grad = DTensor.from_local(grad.clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             else:
                 p.grad = grad.clone()
 

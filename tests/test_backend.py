@@ -1,0 +1,105 @@
+"""Backend registration, options, and the capture hook's scope."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fxmesh
+from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads
+
+FUSED_STEP_SCRIPT = textwrap.dedent(
+    """
+    import json, re, sys
+    import torch
+    if sys.argv[1] == "import":
+        import fxmesh
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(3))]
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    step = torch.compile(opt.step)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        step()
+    breaks = {
+        re.sub("0x[0-9a-f]+", "0x", reason): count
+        for reason, count in torch._dynamo.utils.counters["graph_break"].items()
+    }
+    print(json.dumps({"breaks": breaks, "params": [p.tolist() for p in params]}))
+    """
+)
+
+
+def run_python(code: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_import_does_not_change_the_default_backend():
+    """After `import fxmesh`, the default backend graph-breaks on the fused step exactly as before."""
+    before = json.loads(run_python(FUSED_STEP_SCRIPT, "no-import"))
+    after = json.loads(run_python(FUSED_STEP_SCRIPT, "import"))
+    assert any("don't trace into fused optimizer" in r for r in before["breaks"]), before["breaks"]
+    assert len(before["breaks"]) == 2
+    assert after == before
+
+
+def test_entry_point_registers_backend_without_import():
+    """backend="fxmesh" works from the torch_dynamo_backends entry point alone."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        assert "fxmesh" in torch._dynamo.list_backends()
+        out = torch.compile(lambda x: x * 2, backend="fxmesh")(torch.ones(3))
+        assert "fxmesh" in sys.modules
+        print(out.tolist())
+        """
+    )
+    assert run_python(code) == "[2.0, 2.0, 2.0]"
+
+
+def test_backend_options_are_checked():
+    """Unknown inner compilers and pass names are refused with the known ones listed."""
+    with pytest.raises(ValueError, match="compiler must be one of inductor, aot_eager, eager"):
+        fxmesh.backend(compiler="tvm")
+    with pytest.raises(ValueError, match="unknown fxmesh pass 'nope'; known: split_by_mesh, lower_fused_adam"):
+        fxmesh.backend(passes=["nope"])
+    assert "split_by_mesh" in repr(fxmesh.backend())
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
+def test_debug_compilers(meshes, compiler):
+    """The aot_eager and eager inner compilers run the rewritten graph with eager's numbers."""
+    params = dtensor_params(meshes)
+    eager_params = clone_params(params)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    eager_opt = torch.optim.AdamW(eager_params, lr=1e-2, fused=True)
+    step = torch.compile(opt.step, backend=fxmesh.backend(compiler=compiler))
+    for s in range(3):
+        set_grads([params, eager_params], s)
+        step()
+        eager_opt.step()
+        assert_same_state(opt, eager_opt)
+    assert counters["fxmesh"]["lowered_nodes"] == 3  # one per mesh
+
+
+def test_pass_error_names_the_pass(meshes):
+    """An unexpected failure inside a pass says which pass failed after which."""
+
+    def broken(gm):
+        raise KeyError("boom")
+
+    params = dtensor_params(meshes)[:2]
+    set_grads([params], 0)
+    opt = torch.optim.AdamW(params, fused=True)
+    step = torch.compile(opt.step, backend=fxmesh.backend(passes=["split_by_mesh", broken]))
+    with pytest.raises(Exception, match="error in pass broken after passes split_by_mesh"):
+        step()
