@@ -43,7 +43,9 @@ class FxmeshBackend:
             raise ValueError(f"compiler must be one of {', '.join(_COMPILERS)}, not {compiler!r}")
         self.passes = resolve_passes(passes)
         self.compiler = compiler
-        self.inductor_config = dict(inductor_config or {})
+        # Dynamo's guards already pin every input's size and stride; Inductor's
+        # own per-input asserts cost ~2.5 us each, 1,000 per step for 200 params.
+        self.inductor_config = {"size_asserts": False, **(inductor_config or {})}
         install()
 
     def __repr__(self) -> str:

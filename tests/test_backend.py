@@ -103,3 +103,9 @@ def test_pass_error_names_the_pass(meshes):
     step = torch.compile(opt.step, backend=fxmesh.backend(passes=["split_by_mesh", broken]))
     with pytest.raises(Exception, match="error in pass broken after passes split_by_mesh"):
         step()
+
+
+def test_inductor_config_defaults_and_overrides():
+    """Size asserts are off by default (Dynamo guards the inputs); user overrides win."""
+    assert fxmesh.backend().inductor_config == {"size_asserts": False}
+    assert fxmesh.backend(inductor_config={"size_asserts": True}).inductor_config["size_asserts"] is True
