@@ -21,6 +21,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor, Replicate
 
+from fxmesh.meshes import group_by_mesh, mesh_key
+
 __all__ = ["MESH_AWARE_OPS", "fused_adam_", "fused_adamw_"]
 
 
@@ -34,15 +36,12 @@ def _per_mesh(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kw
     locals_ = [p._local_tensor if isinstance(p, DTensor) else p for p in lists[0]]
     if any(isinstance(t, FakeTensor) for t in locals_):
         return
-    groups: dict[Any, list[int]] = {}
-    for i, p in enumerate(lists[0]):
-        groups.setdefault(p.device_mesh if isinstance(p, DTensor) else p.device, []).append(i)
-    for where, idx in groups.items():
+    for key, idx in group_by_mesh(map(mesh_key, lists[0])).items():
         sliced = [[entries[i] for i in idx] if entries else [] for entries in lists]
         group_kwargs = kwargs
-        if not isinstance(where, torch.device):
-            sliced = [[_mesh_local(e, where) for e in entries] for entries in sliced]
-            group_kwargs = {k: _mesh_local(v, where) for k, v in kwargs.items()}
+        if key.mesh is not None:
+            sliced = [[_mesh_local(e, key.mesh) for e in entries] for entries in sliced]
+            group_kwargs = {k: _mesh_local(v, key.mesh) for k, v in kwargs.items()}
         op(*sliced, **group_kwargs)
 
 
