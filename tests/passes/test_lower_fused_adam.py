@@ -14,6 +14,8 @@ from fxmesh.passes.split_by_mesh import split_by_mesh
 from tests.helpers import dtensor_params, local, rel_error
 from tests.passes.graphs import ADAM_LISTS, adam_lists, clone_lists, fused_graph, fused_nodes
 
+DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+
 OPTIONS = list(
     itertools.product(
         [torch._fused_adam_, torch._fused_adamw_],
@@ -87,13 +89,7 @@ def test_complex_dtype_is_refused():
     gm, _ = fused_graph(
         torch._fused_adam_,
         lists,
-        lr=1e-3,
-        beta1=0.9,
-        beta2=0.999,
-        weight_decay=0.0,
-        eps=1e-8,
-        amsgrad=False,
-        maximize=False,
+        **dict(DEFAULTS, lr=1e-3),
     )
     with pytest.raises(UnsupportedInputError, match=r"parameter 1: params has dtype torch.complex64"):
         lower_fused_adam(gm)
@@ -111,13 +107,7 @@ def test_example_values_follow_the_mesh(meshes):
     gm, _ = fused_graph(
         torch._fused_adamw_,
         lists,
-        lr=1e-2,
-        beta1=0.9,
-        beta2=0.999,
-        weight_decay=0.0,
-        eps=1e-8,
-        amsgrad=False,
-        maximize=False,
+        **dict(DEFAULTS, lr=1e-2),
     )
     split_by_mesh(gm)
     lower_fused_adam(gm)
