@@ -1,6 +1,7 @@
 """Fixtures: a single-process fake process group of world size 8 and the three test meshes.
 
-``dp`` (8,), ``ep`` (2, 4) named (dp_mod_ep, ep), ``tp`` (4, 2) named (dp_shard, tp).
+``dp`` (8,), ``ep`` (2, 4) named (dp_mod_ep, ep), ``tp`` (4, 2) named (dp_shard, tp),
+on the CPU unless ``FXMESH_TEST_DEVICE`` names another device type.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from tests.helpers import DEVICE
 
 WORLD_SIZE = 8
 
@@ -24,17 +27,17 @@ def fake_world():
 
 @pytest.fixture(scope="session")
 def dp(fake_world):
-    return init_device_mesh("cpu", (8,), mesh_dim_names=("dp",))
+    return init_device_mesh(DEVICE, (8,), mesh_dim_names=("dp",))
 
 
 @pytest.fixture(scope="session")
 def ep(fake_world):
-    return init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp_mod_ep", "ep"))
+    return init_device_mesh(DEVICE, (2, 4), mesh_dim_names=("dp_mod_ep", "ep"))
 
 
 @pytest.fixture(scope="session")
 def tp(fake_world):
-    return init_device_mesh("cpu", (4, 2), mesh_dim_names=("dp_shard", "tp"))
+    return init_device_mesh(DEVICE, (4, 2), mesh_dim_names=("dp_shard", "tp"))
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+# Where the meshes live.  CI runs on the CPU; FXMESH_TEST_DEVICE=cuda runs the
+# end-to-end tests on a GPU (Triton kernels instead of C++).
+DEVICE = os.environ.get("FXMESH_TEST_DEVICE", "cpu")
+# How Inductor names the kernels it generates on each device.
+KERNEL_PREFIX = {"cpu": "cpp_fused", "cuda": "triton_"}[DEVICE]
 
 FP32_RTOL = 1e-5
 # One unit in the last place: the compiled and the eager kernel both compute in

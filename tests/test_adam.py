@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
+from torch.distributed.tensor import Shard, distribute_tensor
 
-from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads
+from tests.helpers import DEVICE, KERNEL_PREFIX, assert_same_state, clone_params, dtensor_params, set_grads
 
 STEPS = 5
 
@@ -37,7 +40,7 @@ def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None):
 
 
 def assert_fully_compiled(code: str) -> None:
-    assert "cpp_fused" in code, "Inductor generated no C++ kernel"
+    assert KERNEL_PREFIX in code, f"Inductor generated no {KERNEL_PREFIX} kernel"
     assert "_fused_adam" not in code, "an aten fused Adam kernel is still called"
     assert not unexpected_graph_breaks(), unexpected_graph_breaks()
     assert counters["fxmesh"]["graphs"] == 1, "the step compiled more than once"
@@ -50,6 +53,20 @@ def test_adamw_three_meshes(meshes):
     assert_fully_compiled(code)
     assert counters["fxmesh"]["split_nodes"] == 1
     assert counters["fxmesh"]["mesh_groups"] == 3
+
+
+def test_scalars_computed_once_per_mesh_group(dp, ep):
+    """Per-parameter float64 scalars (pow(beta, step), step size) go into one table per mesh group.
+
+    Inlined, Inductor would recompute them in every vectorized iteration of each parameter's loop.
+    Groups of 1 and of 9 parameters: below and above the inputs Inductor lowers as a pointwise cat.
+    """
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(16, 4), dp, [Shard(0)]))]
+    params += [torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), ep, [Shard(0), Shard(1)])) for _ in range(9)]
+    _, _, code = run_parity(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), params, steps=2)
+    assert_fully_compiled(code)
+    tables = re.findall(rf"empty_strided_{DEVICE}\(\((\d+), 2\), \(2, 1\), torch\.float64\)", code)
+    assert sorted(map(int, tables)) == [1, 9], tables
 
 
 def test_adam_options_tensor_lr_param_groups(meshes):
@@ -105,7 +122,7 @@ def test_grad_scaler_inputs(meshes):
 
 def test_plain_params_and_mixed_groups(meshes):
     """Plain tensors alone, and a plain param group beside a DTensor group, in one optimizer."""
-    plain = [torch.nn.Parameter(torch.randn(33, 17)), torch.nn.Parameter(torch.randn(5))]
+    plain = [torch.nn.Parameter(torch.randn(33, 17, device=DEVICE)), torch.nn.Parameter(torch.randn(5, device=DEVICE))]
     params = dtensor_params(meshes)[:3] + plain
     _, _, code = run_parity(
         lambda ps: torch.optim.AdamW([{"params": ps[:3]}, {"params": ps[3:], "lr": 3e-2}], fused=True),

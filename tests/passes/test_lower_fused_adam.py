@@ -32,10 +32,16 @@ def check_lowering(target, lists, kwargs, rtol):
     target(*(expected[k] for k in ADAM_LISTS), **kwargs)
     gm, inputs = fused_graph(target, lists, **kwargs)
     split_by_mesh(gm)
+    calls = len(fused_nodes(gm))
     assert lower_fused_adam(gm).modified
     assert not fused_nodes(gm)
     lowered = [n for n in gm.graph.nodes if "fxmesh_lowered_from" in n.meta]
     assert lowered and all("example_value" in n.meta for n in lowered)
+    # One materialized float64 scalar table per call, one row per parameter.
+    tables = [n for n in lowered if n.target is torch.ops.prims.inductor_force_stride_order.default]
+    assert len(tables) == calls
+    assert sum(example_value(t).shape[0] for t in tables) == len(lists["params"])
+    assert all(example_value(t).dtype == torch.float64 for t in tables)
     gm(*inputs)
     for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
         for i, (got, want) in enumerate(zip(lists[name], expected[name])):

@@ -1,0 +1,410 @@
+"""One optimizer step over parameters on several meshes: fxmesh against what users run today.
+
+Every variant runs in this one process, on the same workload, one after another (each
+variant's parameters and states are freed before the next is built).  Meshes come from a
+single-process fake process group: the process stands for one rank of a large job, and its
+tensors are that rank's local shards.
+
+Variants:
+  eager_fused        upstream eager fused optimizer over the DTensors (what torchtitan runs)
+  eager_foreach      upstream eager foreach over the DTensors
+  per_mesh_eager     one eager fused optimizer per mesh
+  eager_fused_plain  eager fused over plain tensors of the same local shapes (no DTensor)
+  torch_compile      upstream torch.compile(opt.step) of the fused optimizer, default backend
+  torch_compile_foreach  the same with foreach=True (the path upstream compiles)
+  torch_compile_foreach_plain  upstream compiled foreach over plain tensors (compile-time reference)
+  fxmesh             torch.compile(opt.step, backend="fxmesh")
+
+Columns: median ms per step and its spread (interquartile range), percent of the
+memory-bandwidth floor (the bytes one step must move, e.g. 28 B/param for fp32 AdamW, over a
+device-to-device copy bandwidth measured in the same run), speedup over eager_fused, compile
+seconds (cold Inductor cache), recompiles after the first compiled call, peak memory increase
+over the parameters, grads and states (CUDA), and kernels launched per step (CUDA, profiler).
+
+Examples:
+  python bench/optim_step.py --workload moe-shard --scale 0.01      # CPU, 2.6M params
+  python bench/optim_step.py --device cuda --workload moe-shard --json out.json
+  python bench/optim_step.py --workload overhead --variants eager_fused,fxmesh
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+
+VARIANTS = (
+    "eager_fused",
+    "eager_foreach",
+    "per_mesh_eager",
+    "eager_fused_plain",
+    "torch_compile",
+    "torch_compile_foreach",
+    "torch_compile_foreach_plain",
+    "fxmesh",
+)
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    shapes: list[tuple[int, ...]]  # local shard shapes
+    meshes: list[str]  # mesh name of each tensor
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 0
+        for shape in self.shapes:
+            size = 1
+            for d in shape:
+                size *= d
+            n += size
+        return n
+
+
+def make_workload(name: str, scale: float, tensors: int | None, shape: tuple[int, ...] | None) -> Workload:
+    """The local shards of one rank.
+
+    moe-shard: 200 tensors of 1024x1280 (262M params), dense weights on ``dp`` and experts on
+    ``ep``; ``--scale`` scales the rows.  overhead: 1000 tensors of 64x64 on three meshes.
+    ``tensors`` and ``shape`` override the count and the local shape.
+    """
+    if name.startswith("moe-shard"):
+        n = tensors or 200
+        rows = max(1, round(1024 * scale))
+        shapes = [shape or (rows, 1280)] * n
+        meshes = ["dp" if i % 2 == 0 else "ep" for i in range(n)]
+        return Workload(name, shapes, meshes, "bfloat16" if name.endswith("bf16") else "float32")
+    if name == "overhead":
+        n = tensors or 1000
+        return Workload(name, [shape or (64, 64)] * n, [("dp", "ep", "tp")[i % 3] for i in range(n)], "float32")
+    raise ValueError(f"unknown workload {name!r}")
+
+
+@dataclasses.dataclass
+class Row:
+    variant: str
+    median_ms: float | None = None
+    iqr_ms: float | None = None
+    floor_pct: float | None = None
+    speedup: float | None = None
+    compile_s: float | None = None
+    recompiles: int | None = None
+    peak_mem_mb: float | None = None
+    kernels: int | None = None
+    note: str = ""
+
+
+class Timer:
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, fn: Callable[[], object], steps: int, warmup: int) -> tuple[float, float]:
+        import torch
+
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(steps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        q = statistics.quantiles(times, n=4)
+        return statistics.median(times), q[2] - q[0]
+
+
+def _gist(message: str, width: int = 110) -> str:
+    """The telling line of a long error or graph-break message: the first that names a mesh, else the first."""
+    mesh = re.search(r"[A-Z][^\"\n(:]*\bmeshes?\b[^\"\n:]*", message)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return (mesh.group(0) if mesh else lines[0] if lines else "")[:width]
+
+
+def copy_bandwidth(device: str, timer: Timer) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written."""
+    import torch
+
+    n = (1 << 28) if device == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms, _ = timer.measure(lambda: dst.copy_(src), steps=20, warmup=3)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def step_bytes(workload: Workload, optimizer: str) -> int:
+    """Bytes one step must move: each tensor read once and each result written once."""
+    import torch
+
+    item = torch.empty((), dtype=getattr(torch, workload.dtype)).element_size()
+    # AdamW: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq.
+    tensors = {"adamw": 7, "adam": 7}[optimizer]
+    return tensors * item * workload.numel
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="moe-shard", choices=["moe-shard", "moe-shard-bf16", "overhead"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--scale", type=float, default=None, help="moe-shard size factor (default 1 on cuda, 0.01 on cpu)"
+    )
+    parser.add_argument("--tensors", type=int, default=None, help="override the workload's tensor count")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
+    )
+    parser.add_argument("--shape", type=int, nargs="+", default=None, help="override the local shard shape")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument("--plot", help="bar chart PNG of median ms (needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(unknown)}")
+    scale = args.scale if args.scale is not None else (1.0 if args.device == "cuda" else 0.01)
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxmesh-bench-"))
+    import torch
+    import torch.distributed as dist
+    from tabulate import tabulate
+    from torch._dynamo.utils import counters
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import fxmesh  # noqa: F401
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    dev = args.device
+    # name: (mesh, placements, how many shards each local dim is of the global one)
+    meshes = {
+        "dp": (init_device_mesh(dev, (8,), mesh_dim_names=("dp",)), [Shard(0)], (8, 1)),
+        "ep": (init_device_mesh(dev, (2, 4), mesh_dim_names=("dp_mod_ep", "ep")), [Replicate(), Shard(0)], (4, 1)),
+        "tp": (init_device_mesh(dev, (4, 2), mesh_dim_names=("dp_shard", "tp")), [Shard(0), Shard(1)], (4, 2)),
+    }
+    workload = make_workload(args.workload, scale, args.tensors, tuple(args.shape) if args.shape else None)
+    dtype = getattr(torch, workload.dtype)
+    timer = Timer(dev)
+    bandwidth = copy_bandwidth(dev, timer)
+    floor_ms = step_bytes(workload, args.optimizer) / bandwidth * 1e3
+    opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[args.optimizer]
+
+    def params(kind: str) -> list[torch.nn.Parameter]:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        out = []
+        for shape, mesh_name in zip(workload.shapes, workload.meshes):
+            local = torch.randn(shape, device=dev, generator=gen).to(dtype)
+            grad = torch.randn(shape, device=dev, generator=gen).to(dtype) * 1e-2
+            if kind == "plain":
+                p = torch.nn.Parameter(local)
+                p.grad = grad
+            else:
+                mesh, placements, shards = meshes[mesh_name]
+                glob = tuple(d * k for d, k in zip(shape, shards))
+                stride = torch.empty(glob, device="meta").stride()
+                p = torch.nn.Parameter(DTensor.from_local(local, mesh, placements, shape=glob, stride=stride))
+                p.grad = DTensor.from_local(grad, mesh, placements, shape=glob, stride=stride)
+            out.append(p)
+        return out
+
+    def optimizer(ps, **kw):
+        return opt_cls(ps, lr=1e-3, weight_decay=0.01, **kw)
+
+    def build(variant: str) -> tuple[Callable[[], object], bool]:
+        """The step function of ``variant`` and whether it is compiled."""
+        if variant == "eager_fused":
+            return optimizer(params("dtensor"), fused=True).step, False
+        if variant == "eager_foreach":
+            return optimizer(params("dtensor"), foreach=True).step, False
+        if variant == "eager_fused_plain":
+            return optimizer(params("plain"), fused=True).step, False
+        if variant == "per_mesh_eager":
+            ps = params("dtensor")
+            groups: dict[object, list] = {}
+            for p in ps:
+                groups.setdefault(p.device_mesh, []).append(p)
+            opts = [optimizer(g, fused=True) for g in groups.values()]
+
+            def step():
+                for o in opts:
+                    o.step()
+
+            return step, False
+        if variant == "torch_compile":
+            return torch.compile(optimizer(params("dtensor"), fused=True).step), True
+        if variant == "torch_compile_foreach":
+            return torch.compile(optimizer(params("dtensor"), foreach=True).step), True
+        if variant == "torch_compile_foreach_plain":
+            return torch.compile(optimizer(params("plain"), foreach=True).step), True
+        if variant == "fxmesh":
+            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend="fxmesh"), True
+        raise AssertionError(variant)
+
+    def kernels_per_step(step) -> int | None:
+        if dev != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    rows: list[Row] = []
+    for variant in variants:
+        row = Row(variant)
+        rows.append(row)
+        torch._dynamo.reset()
+        counters.clear()
+        step = None
+        try:
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            step, compiled = build(variant)
+            t0 = time.perf_counter()
+            step()  # creates the states; compiles a compiled variant
+            timer.sync()
+            if compiled:
+                row.compile_s = time.perf_counter() - t0
+                graphs = counters["stats"]["unique_graphs"]
+            breaks = sum(counters["graph_break"].values())
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                states_mem = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            row.median_ms, row.iqr_ms = timer.measure(step, args.steps, args.warmup)
+            if dev == "cuda":
+                row.peak_mem_mb = (torch.cuda.max_memory_allocated() - states_mem) / 2**20
+            if compiled:
+                row.recompiles = counters["stats"]["unique_graphs"] - graphs
+                reasons = [r for r in counters["graph_break"] if "User-inserted graph break" not in r]
+                if reasons:
+                    row.note = f"{breaks} graph breaks, runs eager where it breaks: {_gist(reasons[0])}"
+            row.kernels = kernels_per_step(step)
+            row.floor_pct = 100 * floor_ms / row.median_ms
+        except Exception as e:  # a variant that fails is reported, not fatal
+            row.note = f"fails: {type(e).__name__}: {_gist(str(e))}"
+            if os.environ.get("FXMESH_BENCH_TRACEBACK"):
+                traceback.print_exc()
+        finally:
+            del step
+    base = next((r.median_ms for r in rows if r.variant == "eager_fused" and r.median_ms), None)
+    for row in rows:
+        if base and row.median_ms:
+            row.speedup = base / row.median_ms
+
+    if dev == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    header = (
+        f"{args.optimizer} step, workload {workload.name}: {len(workload.shapes)} tensors, "
+        f"{workload.numel / 1e6:.1f}M {workload.dtype} params on meshes {sorted(set(workload.meshes))}; "
+        f"{machine}, torch {torch.__version__}, {datetime.date.today()}; "
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {floor_ms:.3f} ms"
+    )
+
+    def fmt(v, spec):
+        return "" if v is None else format(v, spec)
+
+    table = [
+        [
+            r.variant,
+            fmt(r.median_ms, ".3f"),
+            fmt(r.iqr_ms, ".3f"),
+            fmt(r.floor_pct, ".0f"),
+            fmt(r.speedup, ".2f"),
+            fmt(r.compile_s, ".1f"),
+            fmt(r.recompiles, "d"),
+            fmt(r.peak_mem_mb, ".1f"),
+            fmt(r.kernels, "d"),
+            r.note,
+        ]
+        for r in rows
+    ]
+    print(header)
+    print(
+        tabulate(
+            table,
+            headers=[
+                "variant",
+                "median ms",
+                "IQR ms",
+                "% floor",
+                "x eager_fused",
+                "compile s",
+                "recompiles",
+                "peak +MB",
+                "kernels",
+                "note",
+            ],
+        )
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "header": header,
+                    "machine": machine,
+                    "torch": torch.__version__,
+                    "workload": dataclasses.asdict(workload) | {"numel": workload.numel},
+                    "bandwidth_bytes_per_s": bandwidth,
+                    "floor_ms": floor_ms,
+                    "rows": [dataclasses.asdict(r) for r in rows],
+                },
+                f,
+                indent=1,
+            )
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("--plot: matplotlib is not installed; no chart written")
+        else:
+            done = [r for r in rows if r.median_ms]
+            fig, ax = plt.subplots(figsize=(8, 3 + 0.3 * len(done)))
+            ax.barh([r.variant for r in done], [r.median_ms for r in done])
+            ax.axvline(floor_ms, color="k", linestyle="--", label="bandwidth floor")
+            ax.set_xlabel("ms per step (median)")
+            ax.set_title(header[:110], fontsize=8)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(args.plot)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
