@@ -14,6 +14,8 @@ Variants:
   torch_compile_foreach  the same with foreach=True (the path upstream compiles)
   torch_compile_foreach_plain  upstream compiled foreach over plain tensors (compile-time reference)
   fxmesh             torch.compile(opt.step, backend="fxmesh")
+  fxmesh_combo       the same with Inductor's combo kernels (GPU: fewer, larger launches)
+  fxmesh_cudagraphs  the same with CUDA graphs (GPU)
 
 Columns: median ms per step and its spread (interquartile range), percent of the
 memory-bandwidth floor (the bytes one step must move, e.g. 28 B/param for fp32 AdamW, over a
@@ -51,7 +53,15 @@ VARIANTS = (
     "torch_compile_foreach",
     "torch_compile_foreach_plain",
     "fxmesh",
+    "fxmesh_combo",
+    "fxmesh_cudagraphs",
 )
+
+# Inductor options of the fxmesh variants; keys this torch does not know are dropped.
+VARIANT_INDUCTOR_CONFIG = {
+    "fxmesh_combo": {"combo_kernels": True, "combo_kernel_max_num_nodes": 64},
+    "fxmesh_cudagraphs": {"triton.cudagraphs": True},
+}
 
 
 @dataclasses.dataclass
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    import fxmesh  # noqa: F401
+    import fxmesh
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
     dev = args.device
@@ -266,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             return torch.compile(optimizer(params("plain"), foreach=True).step), True
         if variant == "fxmesh":
             return torch.compile(optimizer(params("dtensor"), fused=True).step, backend="fxmesh"), True
+        if variant in VARIANT_INDUCTOR_CONFIG:
+            if dev != "cuda":
+                raise RuntimeError("GPU only")
+            import torch._inductor.config as inductor_config
+
+            known = {k: v for k, v in VARIANT_INDUCTOR_CONFIG[variant].items() if hasattr(inductor_config, k)}
+            backend = fxmesh.backend(inductor_config=known)
+            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend=backend), True
         raise AssertionError(variant)
 
     def kernels_per_step(step) -> int | None:
@@ -307,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             if compiled:
                 row.recompiles = counters["stats"]["unique_graphs"] - graphs
                 reasons = [r for r in counters["graph_break"] if "User-inserted graph break" not in r]
+                if counters["inductor"].get("cudagraph_skips"):
+                    row.note = "CUDA graphs skipped (see TORCH_LOGS=perf_hints)"
                 if reasons:
                     row.note = f"{breaks} graph breaks, runs eager where it breaks: {_gist(reasons[0])}"
             row.kernels = kernels_per_step(step)

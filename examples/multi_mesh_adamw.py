@@ -24,7 +24,8 @@ def main() -> None:
         (ep, (8, 64, 32), [Shard(0), Shard(1)]),
         (tp, (96, 48), [Shard(0), Shard(1)]),
     ]
-    params = [torch.nn.Parameter(distribute_tensor(torch.randn(s), m, p)) for m, s, p in layout]
+    # src_data_rank=None: each rank cuts its shard locally (a fake process group moves no data).
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(s), m, p, src_data_rank=None)) for m, s, p in layout]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True)
     ref_opt = torch.optim.AdamW(ref, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True)

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from fxmesh.errors import EagerFallback
 
@@ -28,6 +28,7 @@ __all__ = [
     "group_by_mesh",
     "mesh_key",
     "node_mesh_key",
+    "replicate",
 ]
 
 
@@ -75,6 +76,16 @@ def node_mesh_key(node: torch.fx.Node, what: str) -> MeshKey:
     if value is None:
         raise MissingMetadataError(f"{what} ({node.format_node()}) has no example value, so its mesh cannot be read")
     return mesh_key(value)
+
+
+def replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """``local`` as a DTensor replicated on every dim of ``mesh``, without a cross-rank check.
+
+    For values that are the same on every rank by construction (step counts, a
+    tensor lr).  A module-level function so that FX graphs can name it: FX
+    spells ``DTensor.from_local`` differently across torch versions.
+    """
+    return DTensor.from_local(local, mesh, (Replicate(),) * mesh.ndim, run_check=False)
 
 
 def group_by_mesh(keys: Iterable[MeshKey]) -> dict[MeshKey, list[int]]:

@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
-from fxmesh.meshes import group_by_mesh, mesh_key
+from fxmesh.meshes import group_by_mesh, mesh_key, replicate
 
 __all__ = ["MESH_AWARE_OPS", "fused_adam_", "fused_adamw_"]
 
 
 def _mesh_local(value: Any, mesh: Any) -> Any:
     if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim() == 0:
-        return DTensor.from_local(value, mesh, (Replicate(),) * mesh.ndim, run_check=False)
+        return replicate(value, mesh)
     return value
 
 

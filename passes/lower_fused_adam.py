@@ -6,15 +6,17 @@ them as extern kernels.  Written as pointwise torch ops, the update of each
 parameter becomes one generated kernel that reads and writes every buffer once.
 
 What: each call is replaced by, per parameter, the math of aten's fused kernel
-in its order of operations: the scalars (bias corrections, step size) in
-float64 as the kernel computes them on the host; the elementwise part in the
-parameter's opmath type (float32 for bf16/fp16 parameters); ``exp_avg`` updated
-with ``lerp``; ``grad_scale`` unscales and writes back the gradient;
-``found_inf == 1`` leaves every tensor unchanged.  Results are written back
-with ``copy_``, after all of a parameter's math, so the call stays in place.
+for the parameters' device, in its order of operations.  CPU: the scalars
+(bias corrections, step size) in float64 as the kernel computes them on the
+host, ``exp_avg`` updated with ``lerp``.  CUDA (and MPS): hyperparameters and
+scalars in the opmath type, ``exp_avg`` as ``beta1 * exp_avg + (1 - beta1) *
+grad``.  Everywhere the elementwise part runs in the parameter's opmath type
+(float32 for bf16/fp16 parameters); ``grad_scale`` unscales and writes back the
+gradient; ``found_inf == 1`` leaves every tensor unchanged.  Results are written
+back with ``copy_``, after all of a parameter's math, so the call stays in place.
 
 The per-parameter scalars of one call are computed together, as one
-``(params, 2)`` float64 table on the local step tensors, and the table is
+``(params, 2)`` table on the local step tensors, and the table is
 materialized (:func:`_materialized`).  Written per parameter, Inductor inlined
 each 0-dim scalar into its reader, and each parameter's vectorized loop
 recomputed ``pow(beta, step)`` in float64 in every iteration: on CPU that made
@@ -32,6 +34,7 @@ layouts the fused kernel does not take.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import torch
@@ -71,13 +74,22 @@ def _materialized(t: Proxy, stride: list[int]) -> Proxy:
     return torch.ops.prims.inductor_force_stride_order.default(t, stride)
 
 
-def _scalar_table(steps: list[Proxy], lr: float | Proxy, beta1: float, beta2: float) -> Proxy:
-    """Float64 ``(len(steps), 2)`` table: per parameter, step size and sqrt of bias correction 2."""
-    steps64 = torch.stack([_local(step).to(torch.float64) for step in steps])
-    lr64 = _local(lr).to(torch.float64) if isinstance(lr, Proxy) else lr
-    bias_correction1 = 1 - torch.pow(beta1, steps64)
-    bias_correction2_sqrt = (1 - torch.pow(beta2, steps64)).sqrt()
-    return _materialized(torch.stack([lr64 / bias_correction1, bias_correction2_sqrt], dim=1), [2, 1])
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as a C++ kernel's ``float`` argument holds it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _round(x: float, dtype: torch.dtype) -> float:
+    return _f32(x) if dtype == torch.float32 else x
+
+
+def _scalar_table(steps: list[Proxy], lr: float | Proxy, beta1: float, beta2: float, dtype: torch.dtype) -> Proxy:
+    """``(len(steps), 2)`` table in ``dtype``: per parameter, step size and sqrt of bias correction 2."""
+    steps_t = torch.stack([_local(step).to(dtype) for step in steps])
+    lr_t = _local(lr).to(dtype) if isinstance(lr, Proxy) else lr
+    bias_correction1 = 1 - torch.pow(beta1, steps_t)
+    bias_correction2_sqrt = (1 - torch.pow(beta2, steps_t)).sqrt()
+    return _materialized(torch.stack([lr_t / bias_correction1, bias_correction2_sqrt], dim=1), [2, 1])
 
 
 def _adam_update(
@@ -98,16 +110,17 @@ def _adam_update(
     decoupled_weight_decay: bool,
     grad_scale: Proxy | None,
     found_inf: Proxy | None,
+    gpu_kernel: bool,
 ) -> None:
     """One parameter's fused Adam(W) update, traced onto the graph.
 
-    ``scalars`` is this parameter's row of :func:`_scalar_table`.
+    ``scalars`` is this parameter's row of :func:`_scalar_table`.  With
+    ``gpu_kernel`` the hyperparameters are already rounded to ``opmath``.
     """
 
     def up(t: Proxy) -> Proxy:
         return t if example_value(t.node).dtype == opmath else t.to(opmath)
 
-    lr64 = lr.to(torch.float64) if isinstance(lr, Proxy) else lr
     step_size = scalars[0].to(opmath)
     bias_correction2_sqrt = scalars[1].to(opmath)
 
@@ -119,13 +132,19 @@ def _adam_update(
     if maximize:
         g = -g
     if weight_decay != 0:
-        if decoupled_weight_decay:
-            decay = 1 - lr64 * weight_decay
-            p = p * (decay.to(opmath) if isinstance(decay, Proxy) else decay)
-        else:
+        if not decoupled_weight_decay:
             g = g + p * weight_decay
-    m = torch.lerp(up(exp_avg), g, 1 - beta1)
-    v = up(exp_avg_sq) * beta2 + (1 - beta2) * g * g
+        elif gpu_kernel:  # param -= lr * weight_decay * param, in opmath
+            lr_decay = lr.to(opmath) * weight_decay if isinstance(lr, Proxy) else _round(lr * weight_decay, opmath)
+            p = p - lr_decay * p
+        else:  # param *= 1 - lr * weight_decay, the factor in float64
+            decay = 1 - (lr.to(torch.float64) if isinstance(lr, Proxy) else lr) * weight_decay
+            p = p * (decay.to(opmath) if isinstance(decay, Proxy) else decay)
+    if gpu_kernel:
+        m = up(exp_avg) * beta1 + _round(1 - beta1, opmath) * g
+    else:
+        m = torch.lerp(up(exp_avg), g, 1 - beta1)
+    v = up(exp_avg_sq) * beta2 + _round(1 - beta2, opmath) * g * g
     outputs = [(exp_avg, m), (exp_avg_sq, v)]
     if max_exp_avg_sq is not None:
         v = torch.maximum(up(max_exp_avg_sq), v)
@@ -180,9 +199,19 @@ def lower_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
             return Proxy(n, tracer) if isinstance(n, torch.fx.Node) else n
 
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+        first = example_value(params[0])
+        opmath = _OPMATH[first.dtype]
+        gpu_kernel = first.device.type != "cpu"
+        # The GPU kernels (CUDA, MPS) hold the hyperparameters and the per-tensor
+        # scalars in the opmath type; the CPU kernel computes in float64.
+        hyper = {k: args[k] for k in ("lr", "beta1", "beta2", "weight_decay", "eps")}
+        if gpu_kernel:
+            hyper = {k: v if isinstance(v, torch.fx.Node) else _round(v, opmath) for k, v in hyper.items()}
+        table_dtype = opmath if gpu_kernel else torch.float64
         before = node.prev
         with graph.inserting_before(node):
-            table = _scalar_table([proxy(s) for s in steps], proxy(args["lr"]), args["beta1"], args["beta2"])
+            lr = proxy(hyper["lr"])
+            table = _scalar_table([proxy(s) for s in steps], lr, hyper["beta1"], hyper["beta2"], table_dtype)
             for i in range(len(params)):
                 _adam_update(
                     proxy(params[i]),
@@ -192,15 +221,16 @@ def lower_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
                     proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
                     table[i],
                     opmath=_OPMATH[example_value(params[i]).dtype],
-                    lr=proxy(args["lr"]),
-                    beta1=args["beta1"],
-                    beta2=args["beta2"],
-                    weight_decay=args["weight_decay"],
-                    eps=args["eps"],
+                    lr=lr,
+                    beta1=hyper["beta1"],
+                    beta2=hyper["beta2"],
+                    weight_decay=hyper["weight_decay"],
+                    eps=hyper["eps"],
                     maximize=args["maximize"],
                     decoupled_weight_decay=op.name == "adamw",
                     grad_scale=proxy(args.get("grad_scale")),
                     found_inf=proxy(args.get("found_inf")),
+                    gpu_kernel=gpu_kernel,
                 )
         cursor = before.next
         while cursor is not node:

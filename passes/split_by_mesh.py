@@ -11,8 +11,8 @@ form one group per device).  Each group gets its own call of the same op, with
 its slice of every list, inserted where the original call was and in the order
 the groups first appear, so in-place semantics and order are kept.  In a
 DTensor group every plain 0-dim tensor argument is rewritten as a Replicate
-DTensor on the group's mesh (``DTensor.from_local`` without a check: the value
-is the same on every rank by construction).
+DTensor on the group's mesh (:func:`fxmesh.meshes.replicate`, ``from_local``
+without a check: the value is the same on every rank by construction).
 
 Pre: nodes carry example values.  Post: every fused optimizer node has all its
 tensors on one mesh (or all plain) and no plain scalar tensor beside DTensors.
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxmesh.errors import UnsupportedInputError
@@ -40,6 +40,7 @@ from fxmesh.meshes import (
     group_by_mesh,
     node_mesh_key,
     propagate_example_value,
+    replicate,
 )
 
 __all__ = ["split_by_mesh"]
@@ -85,7 +86,6 @@ class _Localizer:
     def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, key: MeshKey, fake_mode: Any):
         self.graph = graph
         self.fake_mode = fake_mode
-        self.placements = (Replicate(),) * key.mesh.ndim
         # The mesh is read off a parameter of the group so the graph needs no
         # DeviceMesh constant.
         self.mesh = graph.call_function(getattr, (anchor, "device_mesh"))
@@ -94,7 +94,7 @@ class _Localizer:
     def __call__(self, arg: Any) -> Any:
         if not isinstance(arg, torch.fx.Node) or not _is_scalar(arg):
             return arg
-        local = self.graph.call_function(DTensor.from_local, (arg, self.mesh, self.placements), {"run_check": False})
+        local = self.graph.call_function(replicate, (arg, self.mesh))
         propagate_example_value(local, self.fake_mode)
         return local
 

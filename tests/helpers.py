@@ -40,6 +40,15 @@ def assert_rel_close(actual, expected, rtol: float, what: str) -> None:
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
 
 
+def shard(full: torch.Tensor, mesh, placements) -> DTensor:
+    """``full`` laid out on ``mesh``, this rank's part cut locally.
+
+    No collective: under the fake process group a scatter or broadcast leaves
+    the local shard uninitialized (torch 2.11 scatters; 2.13 happens not to).
+    """
+    return distribute_tensor(full, mesh, placements, src_data_rank=None)
+
+
 def dtensor_params(meshes, dtype=torch.float32, seed=0) -> list[torch.nn.Parameter]:
     """Parameters on all three meshes: 1-D and 2-D meshes, Shard/Replicate, uneven shards."""
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +64,7 @@ def dtensor_params(meshes, dtype=torch.float32, seed=0) -> list[torch.nn.Paramet
     params = []
     for mesh, shape, placements in specs:
         full = torch.randn(shape, generator=g).to(dtype)
-        params.append(torch.nn.Parameter(distribute_tensor(full, meshes[mesh], placements)))
+        params.append(torch.nn.Parameter(shard(full, meshes[mesh], placements)))
     return params
 
 
@@ -69,7 +78,7 @@ def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = ()) -> None:
     ref = params_lists[0]
     grads = []
     for i, p in enumerate(ref):
-        grads.append(None if i in none_at else torch.randn(local(p).shape, generator=g).to(p.dtype))
+        grads.append(None if i in none_at else torch.randn(local(p).shape, generator=g).to(local(p).device, p.dtype))
     for params in params_lists:
         for p, grad in zip(params, grads):
             if grad is None:

@@ -8,9 +8,17 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Shard
 
-from tests.helpers import DEVICE, KERNEL_PREFIX, assert_same_state, clone_params, dtensor_params, set_grads
+from tests.helpers import (
+    DEVICE,
+    KERNEL_PREFIX,
+    assert_same_state,
+    clone_params,
+    dtensor_params,
+    set_grads,
+    shard,
+)
 
 STEPS = 5
 
@@ -61,8 +69,8 @@ def test_scalars_computed_once_per_mesh_group(dp, ep):
     Inlined, Inductor would recompute them in every vectorized iteration of each parameter's loop.
     Groups of 1 and of 9 parameters: below and above the inputs Inductor lowers as a pointwise cat.
     """
-    params = [torch.nn.Parameter(distribute_tensor(torch.randn(16, 4), dp, [Shard(0)]))]
-    params += [torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), ep, [Shard(0), Shard(1)])) for _ in range(9)]
+    params = [torch.nn.Parameter(shard(torch.randn(16, 4), dp, [Shard(0)]))]
+    params += [torch.nn.Parameter(shard(torch.randn(4, 6), ep, [Shard(0), Shard(1)])) for _ in range(9)]
     _, _, code = run_parity(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), params, steps=2)
     assert_fully_compiled(code)
     tables = re.findall(rf"empty_strided_{DEVICE}\(\((\d+), 2\), \(2, 1\), torch\.float64\)", code)

@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from torch.distributed.tensor import Replicate, distribute_tensor
+from torch.distributed.tensor import Replicate
 
 import fxmesh
 from fxmesh.passes import PASSES
-from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads
+from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads, shard
 
 
 def test_differentiable_is_refused(meshes):
@@ -48,7 +48,7 @@ def test_grad_on_another_mesh_names_the_parameter(meshes):
     """A gradient on another mesh than its parameter: error with the index and both meshes."""
     params = dtensor_params(meshes)[:3]
     set_grads([params], 0)
-    params[1].grad = distribute_tensor(torch.randn(params[1].shape), meshes["ep"], [Replicate(), Replicate()])
+    params[1].grad = shard(torch.randn(params[1].shape), meshes["ep"], [Replicate(), Replicate()])
     opt = torch.optim.AdamW(params, fused=True)
     with pytest.raises(Exception, match=r"parameter 1 .*dp\(dp=8\).*grads.*ep\(dp_mod_ep=2, ep=4\)"):
         torch.compile(opt.step, backend="fxmesh")()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from fxmesh.errors import EagerFallback, UnsupportedInputError
 from fxmesh.meshes import example_value
 from fxmesh.passes.split_by_mesh import split_by_mesh
-from tests.helpers import dtensor_params, local
+from tests.helpers import dtensor_params, local, shard
 from tests.passes.graphs import adam_lists, clone_lists, fused_graph, fused_nodes
 
 KWARGS = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False)
@@ -66,9 +66,7 @@ def test_plain_call_is_left_alone():
 def test_grad_on_another_mesh_is_refused(meshes):
     """A gradient on another mesh: the error names the parameter index and both meshes."""
     lists = adam_lists(dtensor_params(meshes)[:2])
-    lists["grads"][1] = distribute_tensor(
-        torch.randn(lists["params"][1].shape), meshes["ep"], [Replicate(), Replicate()]
-    )
+    lists["grads"][1] = shard(torch.randn(lists["params"][1].shape), meshes["ep"], [Replicate(), Replicate()])
     gm, _ = fused_graph(torch._fused_adamw_, lists, **KWARGS)
     with pytest.raises(UnsupportedInputError, match=r"parameter 1 .*dp\(dp=8\).*grads.*ep\("):
         split_by_mesh(gm)
