@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         torch._dynamo.reset()
         counters.clear()
+        gc.collect()  # the previous variant's tensors and graphs; a full heap also slows compiles
         step = None
         try:
             if dev == "cuda":
