@@ -151,7 +151,7 @@ class Timer:
 
 def _gist(message: str, width: int = 110) -> str:
     """The telling line of a long error or graph-break message: the first that names a mesh, else the first."""
-    mesh = re.search(r"[A-Z][^\"\n(:]*\bmeshes?\b[^\"\n:]*", message)
+    mesh = re.search(r"[A-Z][^\"\n(:]*\bmesh(?:es)?\b[^\"\n:]*", message)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return (mesh.group(0) if mesh else lines[0] if lines else "")[:width]
 
