@@ -72,8 +72,12 @@ def clone_params(params) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
-def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = ()) -> None:
-    """The same fresh gradients on every parameter list (DTensor grads keep the param's layout)."""
+def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = (), views: bool = False) -> None:
+    """The same fresh gradients on every parameter list (DTensor grads keep the param's layout).
+
+    DTensor grads own their local tensor, as autograd's do; with ``views`` the local tensor is a
+    view (as ``DTensor.from_local`` leaves it), which torch 2.11-2.13 trace with symbolic sizes.
+    """
     g = torch.Generator().manual_seed(1000 + seed)
     ref = params_lists[0]
     grads = []
@@ -84,7 +88,8 @@ def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = ()) -> None:
             if grad is None:
                 p.grad = None
             elif isinstance(p, DTensor):
-                p.grad = DTensor.from_local(grad.clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                g = DTensor.from_local(grad.clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                p.grad = g if views else g.detach()
             else:
                 p.grad = grad.clone()
 

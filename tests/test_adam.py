@@ -28,14 +28,14 @@ def unexpected_graph_breaks() -> list[str]:
     return [reason for reason in counters["graph_break"] if "User-inserted graph break" not in reason]
 
 
-def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None):
+def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None, grad_views=False):
     """Steps a compiled and an eager optimizer side by side; returns the generated code."""
     eager_params = clone_params(params)
     compiled_opt, eager_opt = make_opt(params), make_opt(eager_params)
     step = torch.compile(compiled_opt.step, backend="fxmesh")
     code = []
     for s in range(steps):
-        set_grads([params, eager_params], s, none_at)
+        set_grads([params, eager_params], s, none_at, views=grad_views)
         if before_step is not None:
             before_step(s, compiled_opt, eager_opt)
         eager_opt.step()
@@ -54,10 +54,16 @@ def assert_fully_compiled(code: str) -> None:
     assert counters["fxmesh"]["graphs"] == 1, "the step compiled more than once"
 
 
-def test_adamw_three_meshes(meshes):
-    """AdamW over 1-D and 2-D meshes with uneven shards matches eager fused and leaves no aten call."""
+@pytest.mark.parametrize("grad_views", [False, True], ids=["grads", "grad_views"])
+def test_adamw_three_meshes(meshes, grad_views):
+    """AdamW over 1-D and 2-D meshes with uneven shards matches eager fused and leaves no aten call.
+
+    Also with gradients whose local tensors are views: torch 2.11-2.13 trace those with symbolic sizes.
+    """
     params = dtensor_params(meshes)
-    _, _, code = run_parity(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), params)
+    _, _, code = run_parity(
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), params, grad_views=grad_views
+    )
     assert_fully_compiled(code)
     assert counters["fxmesh"]["split_nodes"] == 1
     assert counters["fxmesh"]["mesh_groups"] == 3
