@@ -11,11 +11,12 @@ the frame being traced is compiled by an fxmesh backend:
 - calls to disabled functions: a fused optimizer function whose op fxmesh can
   lower is inlined (the original, reached through the wrapper, which is also
   what Dynamo guards on, so later calls do not recompile), and so is the
-  functional ``adam``/``adamw`` API with ``fused=True``, which torch.optim
-  disables under compile when the state steps are on CUDA;
-- calls to ``torch._fused_adam_``/``torch._fused_adamw_``: recorded as the
-  mesh-aware stand-ins of :mod:`fxmesh.ops`, which Dynamo's fake-tensor run
-  accepts across meshes with a tensor ``lr``.
+  functional ``adam``/``adamw``/``sgd`` API with ``fused=True``, which
+  torch.optim disables under compile when the state steps are on CUDA;
+- calls to ``torch._fused_adam_``/``torch._fused_adamw_``/``torch._fused_sgd_``:
+  recorded as the mesh-aware stand-ins of :mod:`fxmesh.ops`, which Dynamo's
+  fake-tensor run accepts across meshes with a tensor ``lr`` (and, for SGD,
+  at all: DTensor has no sharding rule for ``_fused_sgd_``).
 
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.
@@ -36,10 +37,12 @@ from fxmesh.ops import MESH_AWARE_OPS
 __all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
 
 # module.function of the fused optimizer functions fxmesh can lower.
-FUSED_FUNCTIONS = frozenset({"torch.optim.adam._fused_adam", "torch.optim.adamw._fused_adamw"})
+FUSED_FUNCTIONS = frozenset(
+    {"torch.optim.adam._fused_adam", "torch.optim.adamw._fused_adamw", "torch.optim.sgd._fused_sgd"}
+)
 # Functional APIs that torch.optim disables under compile when the state steps
 # are on CUDA/XPU (``_disable_dynamo_if_unsupported``); captured only with fused=True.
-FUNCTIONAL_APIS = frozenset({"torch.optim.adam.adam", "torch.optim.adamw.adamw"})
+FUNCTIONAL_APIS = frozenset({"torch.optim.adam.adam", "torch.optim.adamw.adamw", "torch.optim.sgd.sgd"})
 
 
 def _unwrap(value: Any, source: Any) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxmesh.ops import fused_adam_, fused_adamw_
+from fxmesh.ops import fused_adam_, fused_adamw_, fused_sgd_
 
 __all__ = ["FUSED_OPS", "FusedOp", "bind", "fused_op"]
 
@@ -33,6 +33,8 @@ _ADAM_SCALARS = ("lr", "grad_scale", "found_inf")
 
 _ADAM = FusedOp("adam", _ADAM_LISTS, _ADAM_SCALARS)
 _ADAMW = FusedOp("adamw", _ADAM_LISTS, _ADAM_SCALARS)
+# momentum_buffer_list is empty when momentum == 0.
+_SGD = FusedOp("sgd", ("params", "grads", "momentum_buffer_list"), _ADAM_SCALARS)
 
 # The aten ops, and the mesh-aware stand-ins that fxmesh's capture records.
 FUSED_OPS: dict[Any, FusedOp] = {
@@ -40,6 +42,8 @@ FUSED_OPS: dict[Any, FusedOp] = {
     torch._fused_adamw_: _ADAMW,
     fused_adam_: _ADAM,
     fused_adamw_: _ADAMW,
+    torch._fused_sgd_: _SGD,
+    fused_sgd_: _SGD,
 }
 
 

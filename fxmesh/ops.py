@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from fxmesh.meshes import group_by_mesh, mesh_key, replicate
 
-__all__ = ["MESH_AWARE_OPS", "fused_adam_", "fused_adamw_"]
+__all__ = ["MESH_AWARE_OPS", "fused_adam_", "fused_adamw_", "fused_sgd_"]
 
 
 def _mesh_local(value: Any, mesh: Any) -> Any:
@@ -45,6 +45,22 @@ def _per_mesh(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kw
         op(*sliced, **group_kwargs)
 
 
+def _local(value: Any) -> Any:
+    return value._local_tensor if isinstance(value, DTensor) else value
+
+
+def _on_local_tensors(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kwargs: dict[str, Any]) -> None:
+    """``op`` on the local tensors: for fused ops DTensor has no sharding rule for.
+
+    The fused optimizers' math is elementwise on each rank's shard, so the local
+    call is the whole update.
+    """
+    local_lists = [[_local(t) for t in entries] for entries in lists]
+    if any(isinstance(t, FakeTensor) for t in local_lists[0]):
+        return
+    op(*local_lists, **{k: _local(v) for k, v in kwargs.items()})
+
+
 @torch._dynamo.allow_in_graph
 def fused_adam_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
     """``torch._fused_adam_`` over tensors on any number of meshes."""
@@ -57,7 +73,14 @@ def fused_adamw_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
     _per_mesh(torch._fused_adamw_, lists, kwargs)
 
 
+@torch._dynamo.allow_in_graph
+def fused_sgd_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
+    """``torch._fused_sgd_`` over tensors on any number of meshes (DTensor has no rule for it)."""
+    _on_local_tensors(torch._fused_sgd_, lists, kwargs)
+
+
 MESH_AWARE_OPS: dict[Any, Callable[..., None]] = {
     torch._fused_adam_: fused_adam_,
     torch._fused_adamw_: fused_adamw_,
+    torch._fused_sgd_: fused_sgd_,
 }

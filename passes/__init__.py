@@ -15,6 +15,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxmesh.errors import FxmeshError
 from fxmesh.passes.lower_fused_adam import lower_fused_adam
+from fxmesh.passes.lower_fused_sgd import lower_fused_sgd
 from fxmesh.passes.split_by_mesh import split_by_mesh
 
 __all__ = ["PASSES", "Pass", "resolve_passes", "run_passes"]
@@ -26,8 +27,9 @@ Pass = Callable[[torch.fx.GraphModule], PassResult]
 PASSES: dict[str, Pass] = {
     # First: the lowering expects one mesh per fused call, with mesh-local scalars.
     "split_by_mesh": split_by_mesh,
-    # Last: leaves no fused optimizer call for AOT to see.
+    # Then the lowerings, which leave no fused optimizer call for AOT to see.
     "lower_fused_adam": lower_fused_adam,
+    "lower_fused_sgd": lower_fused_sgd,
 }
 
 

@@ -34,29 +34,21 @@ layouts the fused kernel does not take.
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx
-from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
 from torch.fx.passes.infra.pass_base import PassResult
-from torch.fx.proxy import GraphAppendingTracer, Proxy
+from torch.fx.proxy import Proxy
 
-from fxmesh.errors import UnsupportedInputError
-from fxmesh.fused_ops import bind, fused_op
-from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
+from fxmesh.fused_ops import FusedOp
+from fxmesh.lowering import OPMATH, lower_fused_calls, round_to
+from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_adam"]
-
-_OPMATH = {
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-}
 
 
 def _local(t: Proxy) -> Proxy:
@@ -72,15 +64,6 @@ def _materialized(t: Proxy, stride: list[int]) -> Proxy:
     must have at least 2 elements (Inductor leaves 1-element values alone).
     """
     return torch.ops.prims.inductor_force_stride_order.default(t, stride)
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32, as a C++ kernel's ``float`` argument holds it."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _round(x: float, dtype: torch.dtype) -> float:
-    return _f32(x) if dtype == torch.float32 else x
 
 
 def _scalar_table(steps: list[Proxy], lr: float | Proxy, beta1: float, beta2: float, dtype: torch.dtype) -> Proxy:
@@ -135,16 +118,16 @@ def _adam_update(
         if not decoupled_weight_decay:
             g = g + p * weight_decay
         elif gpu_kernel:  # param -= lr * weight_decay * param, in opmath
-            lr_decay = lr.to(opmath) * weight_decay if isinstance(lr, Proxy) else _round(lr * weight_decay, opmath)
+            lr_decay = lr.to(opmath) * weight_decay if isinstance(lr, Proxy) else round_to(lr * weight_decay, opmath)
             p = p - lr_decay * p
         else:  # param *= 1 - lr * weight_decay, the factor in float64
             decay = 1 - (lr.to(torch.float64) if isinstance(lr, Proxy) else lr) * weight_decay
             p = p * (decay.to(opmath) if isinstance(decay, Proxy) else decay)
     if gpu_kernel:
-        m = up(exp_avg) * beta1 + _round(1 - beta1, opmath) * g
+        m = up(exp_avg) * beta1 + round_to(1 - beta1, opmath) * g
     else:
         m = torch.lerp(up(exp_avg), g, 1 - beta1)
-    v = up(exp_avg_sq) * beta2 + _round(1 - beta2, opmath) * g * g
+    v = up(exp_avg_sq) * beta2 + round_to(1 - beta2, opmath) * g * g
     outputs = [(exp_avg, m), (exp_avg_sq, v)]
     if max_exp_avg_sq is not None:
         v = torch.maximum(up(max_exp_avg_sq), v)
@@ -162,85 +145,41 @@ def _adam_update(
         dst.copy_(new)
 
 
-def _check_entry(op_name: str, i: int, name: str, node: torch.fx.Node) -> None:
-    value = example_value(node)
-    if value is None:
-        raise UnsupportedInputError(f"fused {op_name}: {name}[{i}] ({node.name}) has no example value")
-    if value.layout != torch.strided:
-        raise UnsupportedInputError(
-            f"fused {op_name}: parameter {i}: {name} has layout {value.layout}; "
-            "the fused kernel takes dense (strided) tensors only"
-        )
-    if name != "state_steps" and value.dtype not in _OPMATH:
-        raise UnsupportedInputError(
-            f"fused {op_name}: parameter {i}: {name} has dtype {value.dtype}; "
-            f"the fused kernel takes {', '.join(map(str, _OPMATH))}"
+def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (args[name] for name in op.list_args)
+    first = example_value(params[0])
+    opmath = OPMATH[first.dtype]
+    gpu_kernel = first.device.type != "cpu"
+    # The GPU kernels (CUDA, MPS) hold the hyperparameters and the per-tensor
+    # scalars in the opmath type; the CPU kernel computes in float64.
+    hyper = {k: args[k] for k in ("lr", "beta1", "beta2", "weight_decay", "eps")}
+    if gpu_kernel:
+        hyper = {k: v if isinstance(v, torch.fx.Node) else round_to(v, opmath) for k, v in hyper.items()}
+    table_dtype = opmath if gpu_kernel else torch.float64
+    lr = proxy(hyper["lr"])
+    table = _scalar_table([proxy(s) for s in steps], lr, hyper["beta1"], hyper["beta2"], table_dtype)
+    for i in range(len(params)):
+        _adam_update(
+            proxy(params[i]),
+            proxy(grads[i]),
+            proxy(exp_avgs[i]),
+            proxy(exp_avg_sqs[i]),
+            proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
+            table[i],
+            opmath=OPMATH[example_value(params[i]).dtype],
+            lr=lr,
+            beta1=hyper["beta1"],
+            beta2=hyper["beta2"],
+            weight_decay=hyper["weight_decay"],
+            eps=hyper["eps"],
+            maximize=args["maximize"],
+            decoupled_weight_decay=op.name == "adamw",
+            grad_scale=proxy(args.get("grad_scale")),
+            found_inf=proxy(args.get("found_inf")),
+            gpu_kernel=gpu_kernel,
         )
 
 
 def lower_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
     """Replace every fused Adam/AdamW call with per-parameter pointwise math."""
-    graph = gm.graph
-    tracer = GraphAppendingTracer(graph)
-    fake_mode = None
-    modified = False
-    for node in list(graph.nodes):
-        op = fused_op(node)
-        if op is None or op.name not in ("adam", "adamw"):
-            continue
-        args = bind(node, op)
-        lists = [args[name] for name in op.list_args]
-        for name, entries in zip(op.list_args, lists):
-            for i, entry in enumerate(entries):
-                _check_entry(op.name, i, name, entry)
-        fake_mode = fake_mode or graph_fake_mode(gm)
-
-        def proxy(n: Any) -> Any:
-            return Proxy(n, tracer) if isinstance(n, torch.fx.Node) else n
-
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
-        first = example_value(params[0])
-        opmath = _OPMATH[first.dtype]
-        gpu_kernel = first.device.type != "cpu"
-        # The GPU kernels (CUDA, MPS) hold the hyperparameters and the per-tensor
-        # scalars in the opmath type; the CPU kernel computes in float64.
-        hyper = {k: args[k] for k in ("lr", "beta1", "beta2", "weight_decay", "eps")}
-        if gpu_kernel:
-            hyper = {k: v if isinstance(v, torch.fx.Node) else _round(v, opmath) for k, v in hyper.items()}
-        table_dtype = opmath if gpu_kernel else torch.float64
-        before = node.prev
-        with graph.inserting_before(node):
-            lr = proxy(hyper["lr"])
-            table = _scalar_table([proxy(s) for s in steps], lr, hyper["beta1"], hyper["beta2"], table_dtype)
-            for i in range(len(params)):
-                _adam_update(
-                    proxy(params[i]),
-                    proxy(grads[i]),
-                    proxy(exp_avgs[i]),
-                    proxy(exp_avg_sqs[i]),
-                    proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
-                    table[i],
-                    opmath=_OPMATH[example_value(params[i]).dtype],
-                    lr=lr,
-                    beta1=hyper["beta1"],
-                    beta2=hyper["beta2"],
-                    weight_decay=hyper["weight_decay"],
-                    eps=hyper["eps"],
-                    maximize=args["maximize"],
-                    decoupled_weight_decay=op.name == "adamw",
-                    grad_scale=proxy(args.get("grad_scale")),
-                    found_inf=proxy(args.get("found_inf")),
-                    gpu_kernel=gpu_kernel,
-                )
-        cursor = before.next
-        while cursor is not node:
-            propagate_example_value(cursor, fake_mode)
-            cursor.meta["fxmesh_lowered_from"] = node.name
-            cursor = cursor.next
-        graph.erase_node(node)
-        counters["fxmesh"]["lowered_nodes"] += 1
-        modified = True
-    if modified:
-        graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    return lower_fused_calls(gm, ("adam", "adamw"), _emit, scalar_lists=("state_steps",))

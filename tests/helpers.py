@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from unittest import mock
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -38,6 +40,17 @@ def assert_rel_close(actual, expected, rtol: float, what: str) -> None:
     assert local(actual).dtype == local(expected).dtype, what
     err = rel_error(actual, expected)
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+@contextlib.contextmanager
+def inductor_output_code():
+    """Collects the output code of every Inductor compile inside the block (without resetting Dynamo,
+    unlike ``run_and_get_code``)."""
+    from torch._inductor.graph import GraphLowering
+
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        yield codes
 
 
 def shard(full: torch.Tensor, mesh, placements) -> DTensor:

@@ -14,7 +14,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
 
 
-def fused_graph(target, lists: dict[str, list[torch.Tensor]], **kwargs):
+SGD_LISTS = ("params", "grads", "momentum_buffer_list")
+
+
+def fused_graph(target, lists: dict[str, list[torch.Tensor]], list_names=ADAM_LISTS, **kwargs):
     """A GraphModule calling ``target`` on placeholders, and the real inputs in placeholder order."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     graph = torch.fx.Graph()
@@ -26,7 +29,7 @@ def fused_graph(target, lists: dict[str, list[torch.Tensor]], **kwargs):
         inputs.append(value)
         return node
 
-    arg_lists = tuple([placeholder(f"{name}_{i}", t) for i, t in enumerate(lists.get(name, []))] for name in ADAM_LISTS)
+    arg_lists = tuple([placeholder(f"{name}_{i}", t) for i, t in enumerate(lists.get(name, []))] for name in list_names)
     node_kwargs = {k: placeholder(k, v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     graph.call_function(target, arg_lists, node_kwargs)
     graph.output(None)

@@ -1,0 +1,97 @@
+"""What the lowering passes share: walking fused calls, checking entries, and the kernels' number types.
+
+A lowering pass replaces each fused optimizer call with pointwise torch ops
+traced onto the graph through :class:`torch.fx.Proxy`; :func:`lower_fused_calls`
+does the walk, the checks, the example values of the new nodes and the
+bookkeeping, and calls the pass's ``emit`` for the math of one call.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from fxmesh.errors import UnsupportedInputError
+from fxmesh.fused_ops import FusedOp, bind, fused_op
+from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
+
+__all__ = ["OPMATH", "Emit", "check_entry", "lower_fused_calls", "round_to"]
+
+# The type the fused kernels compute in, per parameter dtype.
+OPMATH = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+
+# emit(op, args, proxy): trace one call's math; ``args`` as bound by
+# :func:`fxmesh.fused_ops.bind`, ``proxy`` wraps a node (other values pass through).
+Emit = Callable[[FusedOp, dict[str, Any], Callable[[Any], Any]], None]
+
+
+def round_to(x: float, dtype: torch.dtype) -> float:
+    """``x`` as a C++ kernel's ``dtype`` argument holds it (float32 rounding; other types unchanged)."""
+    return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
+
+
+def check_entry(op_name: str, i: int, name: str, node: torch.fx.Node, scalar_lists: tuple[str, ...] = ()) -> None:
+    """Refuse, naming the parameter, entries the fused kernel does not take."""
+    value = example_value(node)
+    if value is None:
+        raise UnsupportedInputError(f"fused {op_name}: {name}[{i}] ({node.name}) has no example value")
+    if value.layout != torch.strided:
+        raise UnsupportedInputError(
+            f"fused {op_name}: parameter {i}: {name} has layout {value.layout}; "
+            "the fused kernel takes dense (strided) tensors only"
+        )
+    if name not in scalar_lists and value.dtype not in OPMATH:
+        raise UnsupportedInputError(
+            f"fused {op_name}: parameter {i}: {name} has dtype {value.dtype}; "
+            f"the fused kernel takes {', '.join(map(str, OPMATH))}"
+        )
+
+
+def lower_fused_calls(
+    gm: torch.fx.GraphModule, op_names: tuple[str, ...], emit: Emit, scalar_lists: tuple[str, ...] = ()
+) -> PassResult:
+    """Replace every fused call whose op is in ``op_names`` by what ``emit`` traces, in its place."""
+    graph = gm.graph
+    tracer = GraphAppendingTracer(graph)
+    fake_mode = None
+    modified = False
+
+    def proxy(n: Any) -> Any:
+        return Proxy(n, tracer) if isinstance(n, torch.fx.Node) else n
+
+    for node in list(graph.nodes):
+        op = fused_op(node)
+        if op is None or op.name not in op_names:
+            continue
+        args = bind(node, op)
+        for name in op.list_args:
+            for i, entry in enumerate(args[name]):
+                check_entry(op.name, i, name, entry, scalar_lists)
+        fake_mode = fake_mode or graph_fake_mode(gm)
+        before = node.prev
+        with graph.inserting_before(node):
+            emit(op, args, proxy)
+        cursor = before.next
+        while cursor is not node:
+            propagate_example_value(cursor, fake_mode)
+            cursor.meta["fxmesh_lowered_from"] = node.name
+            cursor = cursor.next
+        graph.erase_node(node)
+        counters["fxmesh"]["lowered_nodes"] += 1
+        modified = True
+    if modified:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)

@@ -1,0 +1,118 @@
+"""Lower fused SGD calls to pointwise math that Inductor generates kernels for.
+
+Why: ``torch._fused_sgd_`` is an in-place op with no decomposition and no DTensor
+sharding rule, so upstream cannot run it over DTensors even eagerly, and
+Inductor could only call it as an extern kernel.
+
+What: each call becomes, per parameter, the math of aten's fused SGD kernel in
+its order of operations, in the parameter's opmath type (float32 for bf16/fp16):
+``grad_scale`` unscales and writes back the gradient; ``maximize`` negates it;
+weight decay adds ``param * weight_decay``; with momentum the buffer becomes the
+gradient on the first step and ``buf * momentum + grad * (1 - dampening)``
+after, and the update uses ``grad + buf * momentum`` (nesterov) or the buffer;
+``param - grad * lr``.  ``found_inf == 1`` leaves every tensor unchanged.  The
+hyperparameters are rounded to the opmath type, as the kernel holds them.
+
+For bf16/fp16 parameters this follows the CPU kernel's scalar loop, not its
+vectorized loop: in torch 2.11-2.13 that loop never stores the updated
+parameters (and reads a low-precision momentum buffer as float32), so eager
+fused SGD on CPU leaves all but the tail elements unchanged.
+
+Pre: run after ``split_by_mesh``.  Post: no fused SGD node is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.proxy import Proxy
+
+from fxmesh.fused_ops import FusedOp
+from fxmesh.lowering import OPMATH, lower_fused_calls
+from fxmesh.meshes import example_value
+
+__all__ = ["lower_fused_sgd"]
+
+
+def _held_as(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to ``dtype``, as a kernel holding it in that type sees it."""
+    return torch.tensor(x, dtype=torch.float64).to(dtype).item()
+
+
+def _sgd_update(
+    param: Proxy,
+    grad: Proxy,
+    momentum_buffer: Proxy | None,
+    *,
+    lr: float | Proxy,
+    weight_decay: float,
+    momentum: float,
+    one_minus_dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Proxy | None,
+    found_inf: Proxy | None,
+    opmath: torch.dtype,
+) -> None:
+    """One parameter's fused SGD update, traced onto the graph."""
+
+    def up(t: Proxy) -> Proxy:
+        return t if example_value(t.node).dtype == opmath else t.to(opmath)
+
+    p = up(param)
+    g = up(grad)
+    outputs = []
+    if grad_scale is not None:
+        g = g / grad_scale.to(opmath)
+        outputs.append((grad, g))
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + p * weight_decay
+    if momentum_buffer is not None:
+        buf = g if is_first_step else up(momentum_buffer) * momentum + g * one_minus_dampening
+        outputs.append((momentum_buffer, buf))
+        g = g + buf * momentum if nesterov else buf
+    p = p - g * (lr.to(opmath) if isinstance(lr, Proxy) else lr)
+    outputs.insert(0, (param, p))
+
+    if found_inf is not None:
+        skip = found_inf == 1.0
+        outputs = [(dst, torch.where(skip, dst, new)) for dst, new in outputs]
+    for dst, new in outputs:
+        dst.copy_(new)
+
+
+def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> None:
+    params, grads, buffers = (args[name] for name in op.list_args)
+    first = example_value(params[0])
+    opmath = OPMATH[first.dtype]
+    hyper = dict(
+        lr=proxy(args["lr"]) if isinstance(args["lr"], torch.fx.Node) else _held_as(args["lr"], opmath),
+        weight_decay=_held_as(args["weight_decay"], opmath),
+        momentum=_held_as(args["momentum"], opmath),
+        one_minus_dampening=_held_as(1 - args["dampening"], opmath),
+    )
+    for i in range(len(params)):
+        _sgd_update(
+            proxy(params[i]),
+            proxy(grads[i]),
+            proxy(buffers[i]) if args["momentum"] != 0 else None,
+            nesterov=args["nesterov"],
+            maximize=args["maximize"],
+            is_first_step=args["is_first_step"],
+            grad_scale=proxy(args.get("grad_scale")),
+            found_inf=proxy(args.get("found_inf")),
+            opmath=OPMATH[example_value(params[i]).dtype],
+            **hyper,
+        )
+
+
+def lower_fused_sgd(gm: torch.fx.GraphModule) -> PassResult:
+    """Replace every fused SGD call with per-parameter pointwise math."""
+    return lower_fused_calls(gm, ("sgd",), _emit)
