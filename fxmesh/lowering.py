@@ -22,7 +22,7 @@ from fxmesh.errors import UnsupportedInputError
 from fxmesh.fused_ops import FusedOp, bind, fused_op
 from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
 
-__all__ = ["OPMATH", "Emit", "check_entry", "lower_fused_calls", "round_to"]
+__all__ = ["OPMATH", "Emit", "check_entry", "lower_fused_calls", "round_to", "write_back"]
 
 # The type the fused kernels compute in, per parameter dtype.
 OPMATH = {
@@ -40,6 +40,15 @@ Emit = Callable[[FusedOp, dict[str, Any], Callable[[Any], Any]], None]
 def round_to(x: float, dtype: torch.dtype) -> float:
     """``x`` as a C++ kernel's ``dtype`` argument holds it (float32 rounding; other types unchanged)."""
     return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
+
+
+def write_back(outputs: list[tuple[Proxy, Proxy]], found_inf: Proxy | None) -> None:
+    """``dst.copy_(new)`` for each pair, after all the math; with ``found_inf == 1`` every ``dst`` keeps its value."""
+    if found_inf is not None:
+        skip = found_inf == 1.0
+        outputs = [(dst, torch.where(skip, dst, new)) for dst, new in outputs]
+    for dst, new in outputs:
+        dst.copy_(new)
 
 
 def check_entry(op_name: str, i: int, name: str, node: torch.fx.Node, scalar_lists: tuple[str, ...] = ()) -> None:

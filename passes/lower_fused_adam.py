@@ -45,7 +45,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, lower_fused_calls, round_to
+from fxmesh.lowering import OPMATH, lower_fused_calls, round_to, write_back
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_adam"]
@@ -137,12 +137,7 @@ def _adam_update(
     outputs.insert(0, (param, p))
     if grad_scale is not None:
         outputs.append((grad, unscaled_grad))
-
-    if found_inf is not None:
-        skip = found_inf == 1.0
-        outputs = [(dst, torch.where(skip, dst, new)) for dst, new in outputs]
-    for dst, new in outputs:
-        dst.copy_(new)
+    write_back(outputs, found_inf)
 
 
 def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> None:

@@ -32,7 +32,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, lower_fused_calls
+from fxmesh.lowering import OPMATH, lower_fused_calls, write_back
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_sgd"]
@@ -80,12 +80,7 @@ def _sgd_update(
         g = g + buf * momentum if nesterov else buf
     p = p - g * (lr.to(opmath) if isinstance(lr, Proxy) else lr)
     outputs.insert(0, (param, p))
-
-    if found_inf is not None:
-        skip = found_inf == 1.0
-        outputs = [(dst, torch.where(skip, dst, new)) for dst, new in outputs]
-    for dst, new in outputs:
-        dst.copy_(new)
+    write_back(outputs, found_inf)
 
 
 def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> None:

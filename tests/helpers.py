@@ -107,6 +107,17 @@ def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = (), views: boo
                 p.grad = grad.clone()
 
 
+def grad_scaler_state(skip_step: int):
+    """A ``before_step(s, *opts)`` hook that sets GradScaler's inputs: grad_scale 4, found_inf at ``skip_step``."""
+
+    def before_step(s, *opts):
+        for opt in opts:
+            opt.grad_scale = torch.tensor(4.0)
+            opt.found_inf = torch.tensor(1.0 if s == skip_step else 0.0)
+
+    return before_step
+
+
 def assert_same_state(compiled_opt, eager_opt, rtol: float | None = None) -> None:
     """Parameters and every state tensor of two optimizers agree; steps exactly."""
     for gi, (gc, ge) in enumerate(zip(compiled_opt.param_groups, eager_opt.param_groups)):

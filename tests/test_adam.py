@@ -16,6 +16,7 @@ from tests.helpers import (
     assert_same_state,
     clone_params,
     dtensor_params,
+    grad_scaler_state,
     set_grads,
     shard,
 )
@@ -118,15 +119,10 @@ def test_grad_scaler_inputs(meshes):
     """grad_scale unscales (and writes back) the grads; found_inf=1 skips the update and the step count."""
     params = dtensor_params(meshes)
 
-    def set_scaler_state(s, *opts):
-        for opt in opts:
-            opt.grad_scale = torch.tensor(4.0)
-            opt.found_inf = torch.tensor(1.0 if s == 2 else 0.0)
-
     compiled_opt, eager_opt, code = run_parity(
         lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, fused=True),
         params,
-        before_step=set_scaler_state,
+        before_step=grad_scaler_state(skip_step=2),
     )
     assert_fully_compiled(code)
     for pc, pe in zip(compiled_opt.param_groups[0]["params"], eager_opt.param_groups[0]["params"]):

@@ -12,7 +12,16 @@ import itertools
 import pytest
 import torch
 
-from tests.helpers import DEVICE, assert_same_state, dtensor_params, inductor_output_code, local, rtol_for, set_grads
+from tests.helpers import (
+    DEVICE,
+    assert_same_state,
+    dtensor_params,
+    grad_scaler_state,
+    inductor_output_code,
+    local,
+    rtol_for,
+    set_grads,
+)
 from tests.test_adam import assert_fully_compiled
 
 STEPS = 5
@@ -67,17 +76,12 @@ def test_sgd_tensor_lr_grad_scaler(meshes):
     """Tensor lr and GradScaler's grad_scale/found_inf, a skipped step included."""
     params = dtensor_params(meshes)
 
-    def set_scaler_state(s, *opts):
-        for opt in opts:
-            opt.grad_scale = torch.tensor(4.0)
-            opt.found_inf = torch.tensor(1.0 if s == 3 else 0.0)
-
     compiled_opt, eager_opt, code = run_local_parity(
         lambda ps: torch.optim.SGD(
             ps, lr=torch.tensor(0.05), momentum=0.9, nesterov=True, weight_decay=0.01, fused=True
         ),
         params,
-        before_step=set_scaler_state,
+        before_step=grad_scaler_state(skip_step=3),
     )
     assert_fully_compiled(code, op="_fused_sgd", graphs=2)
     for pc, pe in zip(compiled_opt.param_groups[0]["params"], eager_opt.param_groups[0]["params"]):
