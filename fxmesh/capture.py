@@ -11,12 +11,12 @@ the frame being traced is compiled by an fxmesh backend:
 - calls to disabled functions: a fused optimizer function whose op fxmesh can
   lower is inlined (the original, reached through the wrapper, which is also
   what Dynamo guards on, so later calls do not recompile), and so is the
-  functional ``adam``/``adamw``/``sgd`` API with ``fused=True``, which
-  torch.optim disables under compile when the state steps are on CUDA;
-- calls to ``torch._fused_adam_``/``torch._fused_adamw_``/``torch._fused_sgd_``:
-  recorded as the mesh-aware stand-ins of :mod:`fxmesh.ops`, which Dynamo's
-  fake-tensor run accepts across meshes with a tensor ``lr`` (and, for SGD,
-  at all: DTensor has no sharding rule for ``_fused_sgd_``).
+  functional ``adam``/``adamw``/``sgd``/``adagrad`` API with ``fused=True``,
+  which torch.optim disables under compile when the state steps are on CUDA;
+- calls to ``torch._fused_{adam,adamw,sgd,adagrad}_``: recorded as the
+  mesh-aware stand-ins of :mod:`fxmesh.ops`, which Dynamo's fake-tensor run
+  accepts across meshes with a tensor ``lr`` (and, for SGD and Adagrad, at
+  all: DTensor has no sharding rule for their fused ops).
 
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.
@@ -38,11 +38,18 @@ __all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
 
 # module.function of the fused optimizer functions fxmesh can lower.
 FUSED_FUNCTIONS = frozenset(
-    {"torch.optim.adam._fused_adam", "torch.optim.adamw._fused_adamw", "torch.optim.sgd._fused_sgd"}
+    {
+        "torch.optim.adam._fused_adam",
+        "torch.optim.adamw._fused_adamw",
+        "torch.optim.sgd._fused_sgd",
+        "torch.optim.adagrad._fused_adagrad",
+    }
 )
 # Functional APIs that torch.optim disables under compile when the state steps
 # are on CUDA/XPU (``_disable_dynamo_if_unsupported``); captured only with fused=True.
-FUNCTIONAL_APIS = frozenset({"torch.optim.adam.adam", "torch.optim.adamw.adamw", "torch.optim.sgd.sgd"})
+FUNCTIONAL_APIS = frozenset(
+    {"torch.optim.adam.adam", "torch.optim.adamw.adamw", "torch.optim.sgd.sgd", "torch.optim.adagrad.adagrad"}
+)
 
 
 def _unwrap(value: Any, source: Any) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxmesh.ops import fused_adam_, fused_adamw_, fused_sgd_
+from fxmesh.ops import fused_adagrad_, fused_adam_, fused_adamw_, fused_sgd_
 
 __all__ = ["FUSED_OPS", "FusedOp", "bind", "fused_op"]
 
@@ -35,6 +35,7 @@ _ADAM = FusedOp("adam", _ADAM_LISTS, _ADAM_SCALARS)
 _ADAMW = FusedOp("adamw", _ADAM_LISTS, _ADAM_SCALARS)
 # momentum_buffer_list is empty when momentum == 0.
 _SGD = FusedOp("sgd", ("params", "grads", "momentum_buffer_list"), _ADAM_SCALARS)
+_ADAGRAD = FusedOp("adagrad", ("params", "grads", "state_sums", "state_steps"), _ADAM_SCALARS)
 
 # The aten ops, and the mesh-aware stand-ins that fxmesh's capture records.
 FUSED_OPS: dict[Any, FusedOp] = {
@@ -44,6 +45,8 @@ FUSED_OPS: dict[Any, FusedOp] = {
     fused_adamw_: _ADAMW,
     torch._fused_sgd_: _SGD,
     fused_sgd_: _SGD,
+    torch._fused_adagrad_: _ADAGRAD,
+    fused_adagrad_: _ADAGRAD,
 }
 
 

@@ -8,13 +8,14 @@ bookkeeping, and calls the pass's ``emit`` for the math of one call.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx
 from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
@@ -22,7 +23,18 @@ from fxmesh.errors import UnsupportedInputError
 from fxmesh.fused_ops import FusedOp, bind, fused_op
 from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
 
-__all__ = ["OPMATH", "Emit", "check_entry", "lower_fused_calls", "round_to", "write_back"]
+__all__ = [
+    "OPMATH",
+    "Emit",
+    "check_entry",
+    "grad_prologue",
+    "local",
+    "lower_fused_calls",
+    "materialized",
+    "round_to",
+    "upcast",
+    "write_back",
+]
 
 # The type the fused kernels compute in, per parameter dtype.
 OPMATH = {
@@ -38,8 +50,53 @@ Emit = Callable[[FusedOp, dict[str, Any], Callable[[Any], Any]], None]
 
 
 def round_to(x: float, dtype: torch.dtype) -> float:
-    """``x`` as a C++ kernel's ``dtype`` argument holds it (float32 rounding; other types unchanged)."""
-    return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
+    """``x`` as a C++ kernel holding it in ``dtype`` sees it (round to nearest)."""
+    return torch.tensor(x, dtype=torch.float64).to(dtype).item()
+
+
+def local(t: Proxy) -> Proxy:
+    """The local tensor of a DTensor-valued proxy (plain ones as they are)."""
+    return t.to_local() if isinstance(example_value(t.node), DTensor) else t
+
+
+def materialized(t: Proxy, stride: list[int]) -> Proxy:
+    """``t`` (of contiguous ``stride``), computed into its own buffer by Inductor, not inlined into its readers.
+
+    ``prims.inductor_force_stride_order`` is Inductor's own "this layout, copy if
+    needed" op: an unrealized pointwise value has no layout yet, so Inductor
+    realizes it.  Eagerly and under fake tensors it returns its input.  ``t``
+    must have at least 2 elements (Inductor leaves 1-element values alone).
+    """
+    return torch.ops.prims.inductor_force_stride_order.default(t, stride)
+
+
+def upcast(t: Proxy, opmath: torch.dtype) -> Proxy:
+    return t if example_value(t.node).dtype == opmath else t.to(opmath)
+
+
+def grad_prologue(
+    param: Proxy,
+    grad: Proxy,
+    *,
+    opmath: torch.dtype,
+    grad_scale: Proxy | None,
+    maximize: bool,
+    weight_decay: float,
+) -> tuple[Proxy, Proxy, list[tuple[Proxy, Proxy]]]:
+    """The fused kernels' common start: param and grad in ``opmath``, the grad unscaled by
+    ``grad_scale`` (and written back: returned as an output), negated for ``maximize``, plus
+    ``param * weight_decay`` (L2).  Returns (param, grad, outputs)."""
+    p = upcast(param, opmath)
+    g = upcast(grad, opmath)
+    outputs = []
+    if grad_scale is not None:
+        g = g / grad_scale.to(opmath)
+        outputs.append((grad, g))
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + p * weight_decay
+    return p, g, outputs
 
 
 def write_back(outputs: list[tuple[Proxy, Proxy]], found_inf: Proxy | None) -> None:

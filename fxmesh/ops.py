@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from fxmesh.meshes import group_by_mesh, mesh_key, replicate
 
-__all__ = ["MESH_AWARE_OPS", "fused_adam_", "fused_adamw_", "fused_sgd_"]
+__all__ = ["MESH_AWARE_OPS", "fused_adagrad_", "fused_adam_", "fused_adamw_", "fused_sgd_"]
 
 
 def _mesh_local(value: Any, mesh: Any) -> Any:
@@ -79,8 +79,15 @@ def fused_sgd_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
     _on_local_tensors(torch._fused_sgd_, lists, kwargs)
 
 
+@torch._dynamo.allow_in_graph
+def fused_adagrad_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
+    """``torch._fused_adagrad_`` over tensors on any number of meshes (DTensor has no rule for it)."""
+    _on_local_tensors(torch._fused_adagrad_, lists, kwargs)
+
+
 MESH_AWARE_OPS: dict[Any, Callable[..., None]] = {
     torch._fused_adam_: fused_adam_,
     torch._fused_adamw_: fused_adamw_,
     torch._fused_sgd_: fused_sgd_,
+    torch._fused_adagrad_: fused_adagrad_,
 }

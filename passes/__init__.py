@@ -14,6 +14,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxmesh.errors import FxmeshError
+from fxmesh.passes.lower_fused_adagrad import lower_fused_adagrad
 from fxmesh.passes.lower_fused_adam import lower_fused_adam
 from fxmesh.passes.lower_fused_sgd import lower_fused_sgd
 from fxmesh.passes.split_by_mesh import split_by_mesh
@@ -30,6 +31,7 @@ PASSES: dict[str, Pass] = {
     # Then the lowerings, which leave no fused optimizer call for AOT to see.
     "lower_fused_adam": lower_fused_adam,
     "lower_fused_sgd": lower_fused_sgd,
+    "lower_fused_adagrad": lower_fused_adagrad,
 }
 
 

@@ -17,7 +17,7 @@ back with ``copy_``, after all of a parameter's math, so the call stays in place
 
 The per-parameter scalars of one call are computed together, as one
 ``(params, 2)`` table on the local step tensors, and the table is
-materialized (:func:`_materialized`).  Written per parameter, Inductor inlined
+materialized (:func:`fxmesh.lowering.materialized`).  Written per parameter, Inductor inlined
 each 0-dim scalar into its reader, and each parameter's vectorized loop
 recomputed ``pow(beta, step)`` in float64 in every iteration: on CPU that made
 the step 2.5x slower (200 params of 64x64: 3.1-3.6 ms against 1.1-1.2 ms).
@@ -38,41 +38,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx
-from torch.distributed.tensor import DTensor
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, lower_fused_calls, round_to, write_back
+from fxmesh.lowering import OPMATH, local, lower_fused_calls, materialized, round_to, write_back
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_adam"]
 
 
-def _local(t: Proxy) -> Proxy:
-    return t.to_local() if isinstance(example_value(t.node), DTensor) else t
-
-
-def _materialized(t: Proxy, stride: list[int]) -> Proxy:
-    """``t`` (of contiguous ``stride``), computed into its own buffer by Inductor, not inlined into its readers.
-
-    ``prims.inductor_force_stride_order`` is Inductor's own "this layout, copy if
-    needed" op: an unrealized pointwise value has no layout yet, so Inductor
-    realizes it.  Eagerly and under fake tensors it returns its input.  ``t``
-    must have at least 2 elements (Inductor leaves 1-element values alone).
-    """
-    return torch.ops.prims.inductor_force_stride_order.default(t, stride)
-
-
 def _scalar_table(steps: list[Proxy], lr: float | Proxy, beta1: float, beta2: float, dtype: torch.dtype) -> Proxy:
     """``(len(steps), 2)`` table in ``dtype``: per parameter, step size and sqrt of bias correction 2."""
-    steps_t = torch.stack([_local(step).to(dtype) for step in steps])
-    lr_t = _local(lr).to(dtype) if isinstance(lr, Proxy) else lr
+    steps_t = torch.stack([local(step).to(dtype) for step in steps])
+    lr_t = local(lr).to(dtype) if isinstance(lr, Proxy) else lr
     bias_correction1 = 1 - torch.pow(beta1, steps_t)
     bias_correction2_sqrt = (1 - torch.pow(beta2, steps_t)).sqrt()
-    return _materialized(torch.stack([lr_t / bias_correction1, bias_correction2_sqrt], dim=1), [2, 1])
+    return materialized(torch.stack([lr_t / bias_correction1, bias_correction2_sqrt], dim=1), [2, 1])
 
 
 def _adam_update(

@@ -32,15 +32,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, lower_fused_calls, write_back
+from fxmesh.lowering import OPMATH, grad_prologue, lower_fused_calls, round_to, upcast, write_back
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_sgd"]
-
-
-def _held_as(x: float, dtype: torch.dtype) -> float:
-    """``x`` rounded to ``dtype``, as a kernel holding it in that type sees it."""
-    return torch.tensor(x, dtype=torch.float64).to(dtype).item()
 
 
 def _sgd_update(
@@ -60,22 +55,11 @@ def _sgd_update(
     opmath: torch.dtype,
 ) -> None:
     """One parameter's fused SGD update, traced onto the graph."""
-
-    def up(t: Proxy) -> Proxy:
-        return t if example_value(t.node).dtype == opmath else t.to(opmath)
-
-    p = up(param)
-    g = up(grad)
-    outputs = []
-    if grad_scale is not None:
-        g = g / grad_scale.to(opmath)
-        outputs.append((grad, g))
-    if maximize:
-        g = -g
-    if weight_decay != 0:
-        g = g + p * weight_decay
+    p, g, outputs = grad_prologue(
+        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=weight_decay
+    )
     if momentum_buffer is not None:
-        buf = g if is_first_step else up(momentum_buffer) * momentum + g * one_minus_dampening
+        buf = g if is_first_step else upcast(momentum_buffer, opmath) * momentum + g * one_minus_dampening
         outputs.append((momentum_buffer, buf))
         g = g + buf * momentum if nesterov else buf
     p = p - g * (lr.to(opmath) if isinstance(lr, Proxy) else lr)
@@ -88,10 +72,10 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     first = example_value(params[0])
     opmath = OPMATH[first.dtype]
     hyper = dict(
-        lr=proxy(args["lr"]) if isinstance(args["lr"], torch.fx.Node) else _held_as(args["lr"], opmath),
-        weight_decay=_held_as(args["weight_decay"], opmath),
-        momentum=_held_as(args["momentum"], opmath),
-        one_minus_dampening=_held_as(1 - args["dampening"], opmath),
+        lr=proxy(args["lr"]) if isinstance(args["lr"], torch.fx.Node) else round_to(args["lr"], opmath),
+        weight_decay=round_to(args["weight_decay"], opmath),
+        momentum=round_to(args["momentum"], opmath),
+        one_minus_dampening=round_to(1 - args["dampening"], opmath),
     )
     for i in range(len(params)):
         _sgd_update(

@@ -15,6 +15,7 @@ ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "
 
 
 SGD_LISTS = ("params", "grads", "momentum_buffer_list")
+ADAGRAD_LISTS = ("params", "grads", "state_sums", "state_steps")
 
 
 def fused_graph(target, lists: dict[str, list[torch.Tensor]], list_names=ADAM_LISTS, **kwargs):

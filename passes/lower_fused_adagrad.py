@@ -1,0 +1,96 @@
+"""Lower fused Adagrad calls to pointwise math that Inductor generates kernels for.
+
+Why: ``torch._fused_adagrad_`` has no decomposition and no DTensor sharding rule,
+so upstream cannot run it over DTensors even eagerly.  Upstream ships the fused
+kernel for CPU only (``Adagrad(fused=True)`` refuses CUDA parameters).
+
+What: each call becomes, per parameter, the math of aten's CPU kernel: the step
+(already incremented by torch.optim) gives ``clr = lr / (1 + (step - 1) *
+lr_decay)`` in float64, once per parameter as one materialized table per call;
+then ``grad_scale`` unscales and writes back the gradient, ``maximize`` negates
+it, weight decay adds ``param * weight_decay``, ``state_sum += grad * grad`` and
+``param -= clr * grad / (sqrt(state_sum) + eps)``, in the opmath type.  The
+hyperparameters are rounded to the parameter's dtype, as the kernel's
+vectorized loop holds them (``scalar_t(clr)``, ``scalar_t(eps)``...).
+``found_inf == 1`` leaves every tensor unchanged.
+
+Pre: run after ``split_by_mesh``.  Post: no fused Adagrad node is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.proxy import Proxy
+
+from fxmesh.fused_ops import FusedOp
+from fxmesh.lowering import (
+    OPMATH,
+    grad_prologue,
+    local,
+    lower_fused_calls,
+    materialized,
+    round_to,
+    upcast,
+    write_back,
+)
+from fxmesh.meshes import example_value
+
+__all__ = ["lower_fused_adagrad"]
+
+
+def _adagrad_update(
+    param: Proxy,
+    grad: Proxy,
+    state_sum: Proxy,
+    clr: Proxy,
+    *,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    grad_scale: Proxy | None,
+    found_inf: Proxy | None,
+    opmath: torch.dtype,
+    held: torch.dtype,
+) -> None:
+    """One parameter's fused Adagrad update; ``clr`` is its float64 entry of the table."""
+    p, g, outputs = grad_prologue(
+        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=round_to(weight_decay, held)
+    )
+    s = upcast(state_sum, opmath) + g * g
+    p = p - clr.to(held).to(opmath) * g / (s.sqrt() + round_to(eps, held))
+    write_back([(param, p), (state_sum, s), *outputs], found_inf)
+
+
+def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> None:
+    params, grads, state_sums, steps = (args[name] for name in op.list_args)
+    lr = proxy(args["lr"])
+    lr64 = local(lr).to(torch.float64) if isinstance(lr, Proxy) else lr
+    steps64 = torch.stack([local(proxy(s)).to(torch.float64) for s in steps])
+    clr = lr64 / (1.0 + (steps64 - 1.0) * args["lr_decay"])
+    if len(steps) > 1:  # Inductor leaves a 1-element value alone
+        clr = materialized(clr, [1])
+    for i in range(len(params)):
+        dtype = example_value(params[i]).dtype
+        _adagrad_update(
+            proxy(params[i]),
+            proxy(grads[i]),
+            proxy(state_sums[i]),
+            clr[i],
+            weight_decay=args["weight_decay"],
+            eps=args["eps"],
+            maximize=args["maximize"],
+            grad_scale=proxy(args.get("grad_scale")),
+            found_inf=proxy(args.get("found_inf")),
+            opmath=OPMATH[dtype],
+            held=dtype,
+        )
+
+
+def lower_fused_adagrad(gm: torch.fx.GraphModule) -> PassResult:
+    """Replace every fused Adagrad call with per-parameter pointwise math."""
+    return lower_fused_calls(gm, ("adagrad",), _emit, scalar_lists=("state_steps",))
