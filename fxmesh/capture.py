@@ -13,7 +13,8 @@ the frame being traced is compiled by an fxmesh backend:
   what Dynamo guards on, so later calls do not recompile), and so is the
   functional ``adam``/``adamw``/``sgd``/``adagrad`` API with ``fused=True``,
   which torch.optim disables under compile when the state steps are on CUDA;
-- calls to ``torch._fused_{adam,adamw,sgd,adagrad}_``: recorded as the
+- calls to ``torch._fused_{adam,adamw,sgd,adagrad}_`` (in-graph functions, or
+  skipped ones as ``_fused_adagrad_`` is on torch 2.11): recorded as the
   mesh-aware stand-ins of :mod:`fxmesh.ops`, which Dynamo's fake-tensor run
   accepts across meshes with a tensor ``lr`` (and, for SGD and Adagrad, at
   all: DTensor has no sharding rule for their fused ops).
@@ -91,27 +92,40 @@ def _compiling_with_fxmesh(tx: Any) -> bool:
     return False
 
 
+def _stand_in(value: Any) -> Any:
+    try:
+        return MESH_AWARE_OPS.get(value)
+    except TypeError:  # unhashable
+        return None
+
+
 @functools.cache
 def install() -> None:
     """Install the scoped hook (idempotent)."""
     dynamo_call_function = SkipFunctionVariable.call_function
+    dynamo_call_in_graph = TorchInGraphFunctionVariable.call_function
+
+    def record_stand_in(stand_in: Any, tx: Any, args: Any, kwargs: Any) -> Any:
+        return dynamo_call_in_graph(TorchInGraphFunctionVariable(stand_in), tx, args, kwargs)
 
     @functools.wraps(dynamo_call_function)
     def call_function(self: SkipFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
+        stand_in = _stand_in(self.value)
+        if stand_in is not None:  # some torch versions skip the fused ops themselves (2.11: _fused_adagrad_)
+            if _compiling_with_fxmesh(tx):
+                return record_stand_in(stand_in, tx, args, kwargs)
+            return dynamo_call_function(self, tx, args, kwargs)
         inner, source = _captured_function(self.value, self.source, kwargs)
         if inner is None or not _compiling_with_fxmesh(tx):
             return dynamo_call_function(self, tx, args, kwargs)
         return UserFunctionVariable(inner, source=source).call_function(tx, args, kwargs)
 
-    SkipFunctionVariable.call_function = call_function
-
-    dynamo_call_in_graph = TorchInGraphFunctionVariable.call_function
-
     @functools.wraps(dynamo_call_in_graph)
     def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
-        stand_in = MESH_AWARE_OPS.get(self.value)
+        stand_in = _stand_in(self.value)
         if stand_in is None or not _compiling_with_fxmesh(tx):
             return dynamo_call_in_graph(self, tx, args, kwargs)
-        return dynamo_call_in_graph(TorchInGraphFunctionVariable(stand_in), tx, args, kwargs)
+        return record_stand_in(stand_in, tx, args, kwargs)
 
+    SkipFunctionVariable.call_function = call_function
     TorchInGraphFunctionVariable.call_function = call_in_graph
