@@ -19,6 +19,11 @@ the frame being traced is compiled by an fxmesh backend:
   accepts across meshes with a tensor ``lr`` (and, for SGD and Adagrad, at
   all: DTensor has no sharding rule for their fused ops).
 
+- calls to ``torch._foreach_*`` whose tensor lists hold DTensors on several
+  meshes beside plain tensors (the foreach optimizers' step counts and bias
+  corrections): recorded as :func:`fxmesh.ops.foreach_per_mesh` stand-ins,
+  which run the op once per mesh with the plain tensors made mesh-local.
+
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.
 """
@@ -29,11 +34,15 @@ import functools
 import inspect
 from typing import Any
 
+import torch
 from torch._dynamo.source import AttrSource
 from torch._dynamo.variables.functions import SkipFunctionVariable, UserFunctionVariable
+from torch._dynamo.variables.lists import BaseListVariable
+from torch._dynamo.variables.tensor import TensorVariable
 from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+from torch.distributed.tensor import DTensor
 
-from fxmesh.ops import MESH_AWARE_OPS
+from fxmesh.ops import MESH_AWARE_OPS, foreach_per_mesh
 
 __all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
 
@@ -92,6 +101,24 @@ def _compiling_with_fxmesh(tx: Any) -> bool:
     return False
 
 
+def _traced_values(var: Any) -> list[Any]:
+    """Example values of a Dynamo variable: of each item for lists, else of the variable."""
+    if isinstance(var, BaseListVariable):
+        return [v for item in var.items for v in _traced_values(item)]
+    if isinstance(var, TensorVariable):
+        return [var.proxy.node.meta.get("example_value")]
+    return []
+
+
+def _spans_meshes_beside_plain_tensors(fn: Any, args: Any, kwargs: Any) -> bool:
+    """A ``torch._foreach_*`` call whose DTensors sit on several meshes next to plain tensors."""
+    if not getattr(fn, "__name__", "").startswith("_foreach_"):
+        return False
+    values = [v for var in (*args, *kwargs.values()) for v in _traced_values(var) if isinstance(v, torch.Tensor)]
+    meshes = {id(v.device_mesh) for v in values if isinstance(v, DTensor)}
+    return len(meshes) > 1 and any(not isinstance(v, DTensor) for v in values)
+
+
 def _stand_in(value: Any) -> Any:
     try:
         return MESH_AWARE_OPS.get(value)
@@ -123,6 +150,8 @@ def install() -> None:
     @functools.wraps(dynamo_call_in_graph)
     def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
         stand_in = _stand_in(self.value)
+        if stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs):
+            stand_in = foreach_per_mesh(self.value)
         if stand_in is None or not _compiling_with_fxmesh(tx):
             return dynamo_call_in_graph(self, tx, args, kwargs)
         return record_stand_in(stand_in, tx, args, kwargs)

@@ -14,6 +14,8 @@ overloads.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +85,47 @@ def fused_sgd_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
 def fused_adagrad_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
     """``torch._fused_adagrad_`` over tensors on any number of meshes (DTensor has no rule for it)."""
     _on_local_tensors(torch._fused_adagrad_, lists, kwargs)
+
+
+def _foreach_per_mesh(op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``op`` (a ``torch._foreach_*`` function) once per mesh of its DTensor lists, plain scalars made mesh-local."""
+    n = next(len(a) for a in args if isinstance(a, (list, tuple)) and any(isinstance(t, DTensor) for t in a))
+    keyed = next(
+        a for a in args if isinstance(a, (list, tuple)) and len(a) == n and any(isinstance(t, DTensor) for t in a)
+    )
+    out: list[Any] = [None] * n
+    returned = False
+    for key, idx in group_by_mesh(map(mesh_key, keyed)).items():
+
+        def part(a: Any, key: Any = key, idx: list[int] = idx) -> Any:
+            if isinstance(a, (list, tuple)) and len(a) == n:
+                a = [a[i] for i in idx]
+                return [_mesh_local(t, key.mesh) for t in a] if key.mesh is not None else a
+            return _mesh_local(a, key.mesh) if key.mesh is not None else a
+
+        result = op(*map(part, args), **{k: part(v) for k, v in kwargs.items()})
+        if result is not None:
+            returned = True
+            for j, i in enumerate(idx):
+                out[i] = result[j]
+    return out if returned else None
+
+
+@functools.cache
+def foreach_per_mesh(op: Callable[..., Any]) -> Callable[..., Any]:
+    """A graph-recordable stand-in for ``op`` whose tensor lists span several meshes beside plain tensors.
+
+    DTensor replicates plain tensors (Adam's step counts and bias corrections)
+    onto one mesh and then refuses the others; per mesh, each gets its own.
+    The stand-in is named ``fxmesh.ops.<op>_per_mesh`` so FX graphs can name it.
+    """
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        return _foreach_per_mesh(op, args, kwargs)
+
+    stand_in.__name__ = stand_in.__qualname__ = f"{op.__name__}_per_mesh"
+    setattr(sys.modules[__name__], stand_in.__name__, stand_in)
+    return torch._dynamo.allow_in_graph(stand_in)
 
 
 MESH_AWARE_OPS: dict[Any, Callable[..., None]] = {

@@ -1,8 +1,10 @@
-"""The foreach and for-loop implementations that already compile across meshes under backend="fxmesh".
+"""The foreach and for-loop implementations compiled across meshes with backend="fxmesh".
 
-fxmesh's passes leave these graphs alone (the math is DTensor ops Dynamo and AOT trace as for any
-model); what is checked here is that the result equals eager on the local shards.  Adam and
-Adagrad foreach still fail across meshes (see test_foreach_adam_fails_across_meshes).
+The passes leave these graphs alone: the math is DTensor ops that Dynamo, AOT and Inductor handle
+as for any model.  Where a ``torch._foreach_*`` call mixes DTensors on several meshes with plain
+tensors (Adam's step counts and bias corrections), DTensor would put the plain ones on one mesh and
+fail; fxmesh's capture records a per-mesh stand-in instead (``fxmesh.ops.foreach_per_mesh``).
+Checked: equal to eager on the local shards over 5 steps.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import dtensor_params
+from tests.helpers import KERNEL_PREFIX, dtensor_params
 from tests.test_adam import unexpected_graph_breaks
 from tests.test_sgd import run_local_parity
 
@@ -21,6 +23,14 @@ CASES = {
     "rmsprop-for-loop": (torch.optim.RMSprop, dict(lr=0.01, foreach=False)),
     "adam-for-loop": (torch.optim.Adam, dict(lr=0.01, weight_decay=0.01, foreach=False)),
     "adagrad-for-loop": (torch.optim.Adagrad, dict(lr=0.05, foreach=False)),
+    "adam-foreach": (torch.optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.01, foreach=True)),
+    "adamw-foreach": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1, maximize=True, foreach=True)),
+    "adagrad-foreach": (torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.01, foreach=True)),
+    "nadam-foreach": (torch.optim.NAdam, dict(lr=0.01, foreach=True)),
+    "radam-foreach": (torch.optim.RAdam, dict(lr=0.01, foreach=True)),
+    "adamax-foreach": (torch.optim.Adamax, dict(lr=0.01, foreach=True)),
+    "adadelta-foreach": (torch.optim.Adadelta, dict(lr=0.5, foreach=True)),
+    "asgd-foreach": (torch.optim.ASGD, dict(lr=0.01, foreach=True)),
 }
 
 
@@ -30,15 +40,15 @@ def test_matches_eager_on_local_shards(meshes, case):
     cls, options = CASES[case]
     params = dtensor_params(meshes)
     _, _, code = run_local_parity(lambda ps: cls(ps, **options), params)
-    assert code, "nothing was compiled"
+    assert KERNEL_PREFIX in code, "Inductor generated no kernel"
+    assert "aten._foreach" not in code and "aten._fused" not in code, "an aten optimizer kernel is called as an extern"
     assert not unexpected_graph_breaks(), unexpected_graph_breaks()
 
 
-@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad])
-def test_foreach_fails_across_meshes(meshes, cls):
-    """Not covered yet: Dynamo's fake-tensor run puts the plain step tensors on the first mesh."""
+def test_other_backends_still_fail_across_meshes(meshes):
+    """The per-mesh foreach stand-in exists only under fxmesh: the eager backend fails as upstream."""
     params = dtensor_params(meshes)
     for p in params:
         p.grad = torch.zeros_like(p)
     with pytest.raises(Exception, match="different mesh"):
-        torch.compile(cls(params, foreach=True).step, backend="fxmesh")()
+        torch.compile(torch.optim.Adam(params, foreach=True).step, backend="eager")()
