@@ -89,10 +89,8 @@ def fused_adagrad_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
 
 def _foreach_per_mesh(op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``op`` (a ``torch._foreach_*`` function) once per mesh of its DTensor lists, plain scalars made mesh-local."""
-    n = next(len(a) for a in args if isinstance(a, (list, tuple)) and any(isinstance(t, DTensor) for t in a))
-    keyed = next(
-        a for a in args if isinstance(a, (list, tuple)) and len(a) == n and any(isinstance(t, DTensor) for t in a)
-    )
+    keyed = next(a for a in args if isinstance(a, (list, tuple)) and any(isinstance(t, DTensor) for t in a))
+    n = len(keyed)
     out: list[Any] = [None] * n
     returned = False
     for key, idx in group_by_mesh(map(mesh_key, keyed)).items():
