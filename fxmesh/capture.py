@@ -150,11 +150,10 @@ def install() -> None:
     @functools.wraps(dynamo_call_in_graph)
     def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
         stand_in = _stand_in(self.value)
-        if stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs):
-            stand_in = foreach_per_mesh(self.value)
-        if stand_in is None or not _compiling_with_fxmesh(tx):
+        per_mesh = stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs)
+        if (stand_in is None and not per_mesh) or not _compiling_with_fxmesh(tx):
             return dynamo_call_in_graph(self, tx, args, kwargs)
-        return record_stand_in(stand_in, tx, args, kwargs)
+        return record_stand_in(stand_in or foreach_per_mesh(self.value), tx, args, kwargs)
 
     SkipFunctionVariable.call_function = call_function
     TorchInGraphFunctionVariable.call_function = call_in_graph
