@@ -38,13 +38,7 @@ def _per_mesh(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kw
     locals_ = [p._local_tensor if isinstance(p, DTensor) else p for p in lists[0]]
     if any(isinstance(t, FakeTensor) for t in locals_):
         return
-    for key, idx in group_by_mesh(map(mesh_key, lists[0])).items():
-        sliced = [[entries[i] for i in idx] if entries else [] for entries in lists]
-        group_kwargs = kwargs
-        if key.mesh is not None:
-            sliced = [[_mesh_local(e, key.mesh) for e in entries] for entries in sliced]
-            group_kwargs = {k: _mesh_local(v, key.mesh) for k, v in kwargs.items()}
-        op(*sliced, **group_kwargs)
+    _call_per_mesh(op, lists, kwargs)
 
 
 def _local(value: Any) -> Any:
@@ -87,9 +81,15 @@ def fused_adagrad_(*lists: list[torch.Tensor], **kwargs: Any) -> None:
     _on_local_tensors(torch._fused_adagrad_, lists, kwargs)
 
 
-def _foreach_per_mesh(op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``op`` (a ``torch._foreach_*`` function) once per mesh of its DTensor lists, plain scalars made mesh-local."""
-    keyed = next(a for a in args if isinstance(a, (list, tuple)) and any(isinstance(t, DTensor) for t in a))
+def _call_per_mesh(op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``op`` (over parallel tensor lists) once per mesh, plain 0-dim tensors made mesh-local.
+
+    Groups by the first list that holds a DTensor (else the first list; plain
+    tensors group by device).  Returns the per-entry results in the original
+    order, or None for ops that return nothing.
+    """
+    lists = [a for a in args if isinstance(a, (list, tuple))]
+    keyed = next((a for a in lists if any(isinstance(t, DTensor) for t in a)), lists[0])
     n = len(keyed)
     out: list[Any] = [None] * n
     returned = False
@@ -119,7 +119,7 @@ def foreach_per_mesh(op: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     def stand_in(*args: Any, **kwargs: Any) -> Any:
-        return _foreach_per_mesh(op, args, kwargs)
+        return _call_per_mesh(op, args, kwargs)
 
     stand_in.__name__ = stand_in.__qualname__ = f"{op.__name__}_per_mesh"
     setattr(sys.modules[__name__], stand_in.__name__, stand_in)

@@ -43,7 +43,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, local, lower_fused_calls, materialized, round_to, write_back
+from fxmesh.lowering import OPMATH, local, lower_fused_calls, materialized, round_to, upcast, write_back
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_adam"]
@@ -85,7 +85,7 @@ def _adam_update(
     """
 
     def up(t: Proxy) -> Proxy:
-        return t if example_value(t.node).dtype == opmath else t.to(opmath)
+        return upcast(t, opmath)
 
     step_size = scalars[0].to(opmath)
     bias_correction2_sqrt = scalars[1].to(opmath)
