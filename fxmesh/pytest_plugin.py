@@ -1,0 +1,1 @@
+"""pytest plugin: ``pytest --fxmesh-compile`` runs every optimizer step through fxmesh."""
