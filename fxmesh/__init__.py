@@ -7,6 +7,7 @@ entry point registers it without an import).
 from __future__ import annotations
 
 from fxmesh.backend import FxmeshBackend, backend, fxmesh_backend
+from fxmesh.clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from fxmesh.errors import EagerFallback, FxmeshError, UnsupportedInputError
 
 __all__ = [
@@ -15,7 +16,10 @@ __all__ = [
     "FxmeshError",
     "UnsupportedInputError",
     "backend",
+    "clip_grad_norm_",
+    "clip_grads_with_norm_",
     "fxmesh_backend",
+    "get_total_norm",
 ]
 
 

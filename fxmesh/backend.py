@@ -54,6 +54,23 @@ class FxmeshBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         counters["fxmesh"]["graphs"] += 1
+        if torch.is_grad_enabled() and not _records_autograd(gm):
+            # An optimizer step traced without torch.optim's graph breaks (see
+            # fxmesh.capture) still computes under no_grad.  Rewritten and
+            # compiled with grad on, the in-place updates of leaf parameters
+            # would be refused, and AOT would build a training graph that copies
+            # the mutated parameters back outside Inductor's view.
+            with torch.no_grad():
+                compiled = self._compile(gm, example_inputs)
+
+            def run_without_grad(*args: Any) -> Any:
+                with torch.no_grad():
+                    return compiled(*args)
+
+            return run_without_grad
+        return self._compile(gm, example_inputs)
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         try:
             modified = run_passes(gm, self.passes)
         except EagerFallback as e:
@@ -70,6 +87,20 @@ class FxmeshBackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs, config_patches=self.inductor_config)
+
+
+def _records_autograd(gm: torch.fx.GraphModule) -> bool:
+    """Whether any node of the graph makes a tensor that requires grad.
+
+    Dynamo records a traced value for every node that makes a tensor; nodes
+    without one (``_set_grad_enabled``, the in-place fused optimizer ops) make none.
+    """
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            values = torch.utils._pytree.tree_leaves(node.meta.get("example_value"))
+            if any(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
+                return True
+    return False
 
 
 def backend(

@@ -21,8 +21,17 @@ the frame being traced is compiled by an fxmesh backend:
 
 - calls to ``torch._foreach_*`` whose tensor lists hold DTensors on several
   meshes beside plain tensors (the foreach optimizers' step counts and bias
-  corrections): recorded as :func:`fxmesh.ops.foreach_per_mesh` stand-ins,
-  which run the op once per mesh with the plain tensors made mesh-local.
+  corrections, the clip coefficient): recorded as
+  :func:`fxmesh.ops.foreach_per_mesh` stand-ins, which run the op once per mesh
+  with the plain tensors made mesh-local;
+- ``torch.nn.utils.get_total_norm`` and ``clip_grads_with_norm_`` (which
+  ``clip_grad_norm_`` calls): traced as fxmesh's own (:mod:`fxmesh.clip`) when
+  the gradients span several meshes;
+- the ``torch._dynamo.graph_break()`` calls with which torch.optim's
+  ``_use_grad_for_differentiable`` fences every step: skipped, so that a train
+  step that clips and then steps is one graph.  They exist so that AOT sees the
+  step as an inference graph; the backend compiles a graph that records no
+  autograd history under ``no_grad`` instead (:mod:`fxmesh.backend`).
 
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.
@@ -36,12 +45,15 @@ from typing import Any
 
 import torch
 from torch._dynamo.source import AttrSource
+from torch._dynamo.variables.constant import ConstantVariable
 from torch._dynamo.variables.functions import SkipFunctionVariable, UserFunctionVariable
 from torch._dynamo.variables.lists import BaseListVariable
 from torch._dynamo.variables.tensor import TensorVariable
 from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import _use_grad_for_differentiable
 
+from fxmesh import clip
 from fxmesh.ops import MESH_AWARE_OPS, foreach_per_mesh
 
 __all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
@@ -60,6 +72,18 @@ FUSED_FUNCTIONS = frozenset(
 FUNCTIONAL_APIS = frozenset(
     {"torch.optim.adam.adam", "torch.optim.adamw.adamw", "torch.optim.sgd.sgd", "torch.optim.adagrad.adagrad"}
 )
+
+
+# Code of the wrapper torch.optim puts around every ``step`` (a closure, one code object).
+_OPTIMIZER_STEP_WRAPPER = _use_grad_for_differentiable(lambda self: None).__code__
+
+
+# torch.nn.utils functions traced as fxmesh's versions, which defer to torch's
+# own where the gradients sit on one mesh.
+_CLIP_FUNCTIONS = {
+    torch.nn.utils.get_total_norm: clip.torch_get_total_norm,
+    torch.nn.utils.clip_grads_with_norm_: clip.torch_clip_grads_with_norm_,
+}
 
 
 def _unwrap(value: Any, source: Any) -> tuple[Any, Any]:
@@ -119,11 +143,15 @@ def _spans_meshes_beside_plain_tensors(fn: Any, args: Any, kwargs: Any) -> bool:
     return len(meshes) > 1 and any(not isinstance(v, DTensor) for v in values)
 
 
-def _stand_in(value: Any) -> Any:
+def _lookup(table: dict[Any, Any], value: Any) -> Any:
     try:
-        return MESH_AWARE_OPS.get(value)
+        return table.get(value)
     except TypeError:  # unhashable
         return None
+
+
+def _is_optimizer_step_graph_break(value: Any, tx: Any) -> bool:
+    return value is torch._dynamo.graph_break and getattr(tx, "f_code", None) is _OPTIMIZER_STEP_WRAPPER
 
 
 @functools.cache
@@ -131,13 +159,16 @@ def install() -> None:
     """Install the scoped hook (idempotent)."""
     dynamo_call_function = SkipFunctionVariable.call_function
     dynamo_call_in_graph = TorchInGraphFunctionVariable.call_function
+    dynamo_call_user_function = UserFunctionVariable.call_function
 
     def record_stand_in(stand_in: Any, tx: Any, args: Any, kwargs: Any) -> Any:
         return dynamo_call_in_graph(TorchInGraphFunctionVariable(stand_in), tx, args, kwargs)
 
     @functools.wraps(dynamo_call_function)
     def call_function(self: SkipFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
-        stand_in = _stand_in(self.value)
+        if _is_optimizer_step_graph_break(self.value, tx) and _compiling_with_fxmesh(tx):
+            return ConstantVariable.create(None)
+        stand_in = _lookup(MESH_AWARE_OPS, self.value)
         if stand_in is not None:  # some torch versions skip the fused ops themselves (2.11: _fused_adagrad_)
             if _compiling_with_fxmesh(tx):
                 return record_stand_in(stand_in, tx, args, kwargs)
@@ -149,11 +180,19 @@ def install() -> None:
 
     @functools.wraps(dynamo_call_in_graph)
     def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
-        stand_in = _stand_in(self.value)
+        stand_in = _lookup(MESH_AWARE_OPS, self.value)
         per_mesh = stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs)
         if (stand_in is None and not per_mesh) or not _compiling_with_fxmesh(tx):
             return dynamo_call_in_graph(self, tx, args, kwargs)
         return record_stand_in(stand_in or foreach_per_mesh(self.value), tx, args, kwargs)
 
+    @functools.wraps(dynamo_call_user_function)
+    def call_user_function(self: UserFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
+        redirect = _lookup(_CLIP_FUNCTIONS, self.fn)
+        if redirect is not None and _compiling_with_fxmesh(tx):
+            self = UserFunctionVariable(redirect)
+        return dynamo_call_user_function(self, tx, args, kwargs)
+
     SkipFunctionVariable.call_function = call_function
     TorchInGraphFunctionVariable.call_function = call_in_graph
+    UserFunctionVariable.call_function = call_user_function

@@ -1,0 +1,260 @@
+"""Cross-mesh gradient clipping in a real 4-rank gloo world, against a single-process reference.
+
+Meshes ``dp`` (4,) and ``ep`` (2, 2) over the same four ranks.  Every rank
+builds the same full tensors, keeps its shards, and compares what it gets
+with ``torch.nn.utils.clip_grad_norm_`` on the full tensors.  The world runs
+once per module; the tests read its results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+import fxmesh
+from fxmesh import world
+from tests.helpers import FP32_RTOL, inductor_output_code, rel_error, shard
+
+WORLD_SIZE = 4
+COMPILED_NORM_TYPES = (2.0, 1.0, math.inf, 3.0)
+NORM_TYPES = (*COMPILED_NORM_TYPES, 0.0, -math.inf, 0.5)
+# (mesh, shape, placements of the gradient); None: a plain tensor, the same on every rank.
+LAYOUT = [
+    ("dp", (16, 8), [Shard(0)]),
+    ("dp", (13, 5), [Shard(0)]),  # uneven: 4, 4, 4, 1 rows
+    ("dp", (3, 5), [Shard(0)]),  # rank 3's shard is empty
+    ("dp", (7,), [Replicate()]),
+    ("ep", (8, 6, 4), [Shard(0), Shard(1)]),
+    ("ep", (6, 10), [Replicate(), Shard(1)]),
+    ("ep", (4, 4), [Replicate(), Replicate()]),
+    ("ep", (6, 3), [Partial(), Shard(0)]),  # not yet reduced over dp_mod_ep
+    (None, (9,), None),
+]
+# Fused AdamW has no use for Partial gradients or plain tensors beside DTensors.
+STEP_LAYOUT = LAYOUT[:7]
+PARTIAL_WEIGHTS = (0.25, 0.75)  # each dp_mod_ep coordinate's share of a Partial gradient
+
+
+def _meshes():
+    return {
+        "dp": init_device_mesh("cpu", (4,), mesh_dim_names=("dp",)),
+        "ep": init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_mod_ep", "ep")),
+    }
+
+
+def _distribute(full: torch.Tensor, meshes, mesh: str | None, placements) -> torch.Tensor:
+    if mesh is None:
+        return full.clone()
+    if not any(p.is_partial() for p in placements):
+        return shard(full, meshes[mesh], placements)
+    m = meshes[mesh]
+    resolved = [Replicate() if p.is_partial() else p for p in placements]
+    local = shard(full, m, resolved).to_local() * PARTIAL_WEIGHTS[m.get_coordinate()[0]]
+    return DTensor.from_local(local, m, placements, shape=full.shape, stride=full.stride())
+
+
+def _problem(meshes, layout, seed: int):
+    """Parameters with gradients on the meshes, and the same as full plain tensors."""
+    g = torch.Generator().manual_seed(seed)
+    params, ref = [], []
+    for mesh, shape, placements in layout:
+        full, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        param_placements = [Replicate() if q.is_partial() else q for q in placements or []]
+        p = torch.nn.Parameter(_distribute(full, meshes, mesh, param_placements))
+        p.grad = _distribute(grad, meshes, mesh, placements)
+        params.append(p)
+        r = torch.nn.Parameter(full.clone())
+        r.grad = grad.clone()
+        ref.append(r)
+    return params, ref
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _check_clip(clip, meshes, norm_type: float) -> dict:
+    params, ref = _problem(meshes, LAYOUT, seed=0)
+    max_norm = torch.nn.utils.get_total_norm([r.grad for r in ref], norm_type).item() / 2
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type)
+    norm = clip(params, max_norm, norm_type)
+    return {
+        "norm": norm.item(),
+        "plain": type(norm) is torch.Tensor,
+        "norm_err": rel_error(norm, ref_norm),
+        "grad_err": max(rel_error(_full(p.grad), r.grad) for p, r in zip(params, ref)),
+        "graph_breaks": dict(counters["graph_break"]),
+    }
+
+
+def _check_group(rank: int, meshes, compiled: bool) -> float:
+    """Each rank stands for a pipeline stage with its own plain gradients; ``group`` folds them in."""
+    stages = [torch.randn(10, generator=torch.Generator().manual_seed(s)) for s in range(WORLD_SIZE)]
+    p = torch.nn.Parameter(torch.zeros(10))
+    p.grad = stages[rank].clone()
+    clip = fxmesh.clip_grad_norm_
+    if compiled:
+        torch._dynamo.reset()
+        clip = torch.compile(clip, backend="fxmesh")
+    norm = clip([p], 1.0, 2.0, group=meshes["dp"])
+    return rel_error(norm, torch.linalg.vector_norm(torch.cat(stages)))
+
+
+def _check_clip_then_step(meshes) -> dict:
+    params, _ = _problem(meshes, STEP_LAYOUT, seed=1)
+    ref, _ = _problem(meshes, STEP_LAYOUT, seed=1)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+
+    def train_step():
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return norm
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(train_step, backend="fxmesh")
+    g = torch.Generator().manual_seed(2)
+    norm_err = param_err = 0.0
+    with torch._inductor.config.patch(kernel_name_max_ops=1000), inductor_output_code() as codes:
+        for _ in range(5):
+            for (mesh, shape, placements), p, r in zip(STEP_LAYOUT, params, ref):
+                grad = torch.randn(shape, generator=g)
+                p.grad = _distribute(grad, meshes, mesh, placements)
+                r.grad = _distribute(grad.clone(), meshes, mesh, placements)  # shards may alias `grad`
+            norm = step()
+            ref_norm = fxmesh.clip_grad_norm_(ref, 1.0)
+            ref_opt.step()
+            norm_err = max(norm_err, rel_error(norm, ref_norm))
+            param_err = max(param_err, max(rel_error(_full(p), _full(r)) for p, r in zip(params, ref)))
+    kernels = [line.split(" = ")[0] for code in codes for line in code.splitlines() if "= async_compile.cpp" in line]
+    return {
+        "norm_err": norm_err,
+        "param_err": param_err,
+        "graph_breaks": dict(counters["graph_break"]),
+        "graphs": counters["fxmesh"]["graphs"],
+        "kernels": kernels,
+    }
+
+
+def _rank_checks(rank: int, world_size: int) -> dict:
+    meshes = _meshes()
+    results = {"eager": {}, "compiled": {}}
+    for norm_type in NORM_TYPES:
+        results["eager"][norm_type] = _check_clip(fxmesh.clip_grad_norm_, meshes, norm_type)
+    for norm_type in COMPILED_NORM_TYPES:
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(torch.nn.utils.clip_grad_norm_, backend="fxmesh")
+        results["compiled"][norm_type] = _check_clip(compiled, meshes, norm_type)
+    results["group"] = {mode: _check_group(rank, meshes, mode == "compiled") for mode in ("eager", "compiled")}
+    results["step"] = _check_clip_then_step(meshes)
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return world.run(_rank_checks, WORLD_SIZE)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_eager_clip_matches_full_tensors(ranks, norm_type):
+    """fxmesh.clip_grad_norm_ gives torch's norm and clipped gradients of the unsharded tensors on every rank."""
+    for rank, r in enumerate(ranks):
+        got = r["eager"][norm_type]
+        assert got["plain"], f"rank {rank}: the norm is not a plain tensor"
+        assert got["norm_err"] <= FP32_RTOL, f"rank {rank}: norm off by {got['norm_err']:.2e}"
+        assert got["grad_err"] <= FP32_RTOL, f"rank {rank}: clipped gradient off by {got['grad_err']:.2e}"
+    assert len({r["eager"][norm_type]["norm"] for r in ranks}) == 1, "ranks disagree on the norm"
+
+
+@pytest.mark.parametrize("norm_type", COMPILED_NORM_TYPES)
+def test_compiled_torch_clip_matches_full_tensors(ranks, norm_type):
+    """torch.nn.utils.clip_grad_norm_ compiled with backend="fxmesh" works across meshes, with no graph break."""
+    for rank, r in enumerate(ranks):
+        got = r["compiled"][norm_type]
+        assert got["norm_err"] <= FP32_RTOL, f"rank {rank}: norm off by {got['norm_err']:.2e}"
+        assert got["grad_err"] <= FP32_RTOL, f"rank {rank}: clipped gradient off by {got['grad_err']:.2e}"
+        assert not got["graph_breaks"], got["graph_breaks"]
+    assert len({r["compiled"][norm_type]["norm"] for r in ranks}) == 1, "ranks disagree on the norm"
+
+
+def test_group_folds_in_other_stages(ranks):
+    """``group=`` combines the norms of the other ranks' gradients, eager and compiled."""
+    for rank, r in enumerate(ranks):
+        for mode, err in r["group"].items():
+            assert err <= FP32_RTOL, f"rank {rank}, {mode}: norm off by {err:.2e}"
+
+
+def test_clip_then_step_is_one_graph(ranks):
+    """clip_grad_norm_ + fused AdamW step compile into one graph that matches eager over 5 steps.
+
+    The clip coefficient is applied inside the kernel that updates the
+    parameters: no kernel scales the gradients on its own.
+    """
+    for rank, r in enumerate(ranks):
+        got = r["step"]
+        assert got["norm_err"] <= FP32_RTOL, f"rank {rank}: norm off by {got['norm_err']:.2e}"
+        assert got["param_err"] <= FP32_RTOL, f"rank {rank}: parameters off by {got['param_err']:.2e}"
+        assert not got["graph_breaks"], got["graph_breaks"]
+        assert got["graphs"] == 1, f"rank {rank}: {got['graphs']} graphs"
+        scaling = [k for k in got["kernels"] if "_foreach_mul" in k]
+        assert scaling and all("lerp" in k for k in scaling), got["kernels"]
+
+
+# Single-process checks under the fake process group (tests/conftest.py): its
+# collectives move no data, so each rank's norm is that of its local shards.
+
+
+def _fake_pg_params(meshes, grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    placements = {"dp": [Shard(0)], "ep": [Shard(0), Replicate()]}
+    params = []
+    for name, grad in zip(("dp", "ep"), grads):
+        p = torch.nn.Parameter(shard(torch.zeros_like(grad), meshes[name], placements[name]))
+        p.grad = shard(grad, meshes[name], placements[name])
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("error_if_nonfinite", [False, True])
+def test_nonfinite_norm_follows_torch(meshes, error_if_nonfinite):
+    """A non-finite norm raises with error_if_nonfinite=True, else scales the gradients by it as torch does."""
+    grads = [torch.randn(16, 4), torch.randn(4, 6)]
+    grads[1][0, 0] = math.inf
+    params = _fake_pg_params(meshes, grads)
+    ref = [torch.nn.Parameter(p.to_local().clone()) for p in params]
+    for r, p in zip(ref, params):
+        r.grad = p.grad.to_local().clone()
+    if error_if_nonfinite:
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fxmesh.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+        return
+    norm = fxmesh.clip_grad_norm_(params, 1.0)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    torch.testing.assert_close(norm, ref_norm)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad.to_local(), r.grad, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(params[1].grad.to_local()[0, 0])
+
+
+def test_one_mesh_keeps_upstream_result(meshes):
+    """Under backend="fxmesh", torch's clip_grad_norm_ over a single mesh still returns upstream's DTensor norm."""
+    params = _fake_pg_params(meshes, [torch.randn(16, 4)])
+    eager = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = torch.compile(torch.nn.utils.clip_grad_norm_, backend="fxmesh")(params, 1e6)
+    assert isinstance(norm, DTensor) and norm.placements == eager.placements
+    torch.testing.assert_close(norm.to_local(), eager.to_local())
+
+
+def test_other_backends_unchanged(meshes):
+    """Importing fxmesh leaves torch's clip_grad_norm_ across meshes failing as before under other backends."""
+    params = _fake_pg_params(meshes, [torch.randn(16, 4), torch.randn(4, 6)])
+    with pytest.raises(RuntimeError, match="same mesh"):
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+    with pytest.raises(Exception, match="same mesh"):
+        torch.compile(torch.nn.utils.clip_grad_norm_, backend="eager")(params, 1.0)
