@@ -54,30 +54,34 @@ class FxmeshBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         counters["fxmesh"]["graphs"] += 1
-        if torch.is_grad_enabled() and not _records_autograd(gm):
-            # An optimizer step traced without torch.optim's graph breaks (see
-            # fxmesh.capture) still computes under no_grad.  Rewritten and
-            # compiled with grad on, the in-place updates of leaf parameters
-            # would be refused, and AOT would build a training graph that copies
-            # the mutated parameters back outside Inductor's view.
-            with torch.no_grad():
-                compiled = self._compile(gm, example_inputs)
-
-            def run_without_grad(*args: Any) -> Any:
-                with torch.no_grad():
-                    return compiled(*args)
-
-            return run_without_grad
-        return self._compile(gm, example_inputs)
-
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        # Read before the passes add nodes.  A step traced without torch.optim's
+        # graph breaks (fxmesh.capture) still computes under no_grad; compiled
+        # with grad on, AOT would build a training graph that copies the
+        # mutated parameters back outside Inductor's view.
+        inference = torch.is_grad_enabled() and not _records_autograd(gm)
         try:
-            modified = run_passes(gm, self.passes)
+            # The passes rewrite optimizer math, which torch.optim runs under
+            # no_grad: the in-place updates of leaf parameters they trace are
+            # refused with grad on.
+            with torch.no_grad():
+                modified = run_passes(gm, self.passes)
         except EagerFallback as e:
             log.warning("fxmesh: running this graph eagerly: %s", e)
             counters["fxmesh"]["eager_fallbacks"] += 1
             return gm.forward
         log.debug("fxmesh passes that changed the graph: %s", modified)
+        if not inference:
+            return self._compile(gm, example_inputs)
+        with torch.no_grad():
+            compiled = self._compile(gm, example_inputs)
+
+        def run_without_grad(*args: Any) -> Any:
+            with torch.no_grad():
+                return compiled(*args)
+
+        return run_without_grad
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         if self.compiler == "eager":
             return gm.forward
         if self.compiler == "aot_eager":

@@ -28,10 +28,15 @@ the frame being traced is compiled by an fxmesh backend:
   ``clip_grad_norm_`` calls): traced as fxmesh's own (:mod:`fxmesh.clip`) when
   the gradients span several meshes;
 - the ``torch._dynamo.graph_break()`` calls with which torch.optim's
-  ``_use_grad_for_differentiable`` fences every step: skipped, so that a train
-  step that clips and then steps is one graph.  They exist so that AOT sees the
-  step as an inference graph; the backend compiles a graph that records no
-  autograd history under ``no_grad`` instead (:mod:`fxmesh.backend`).
+  ``_use_grad_for_differentiable`` fences every step, where the step is called
+  from a user function being compiled: skipped, so that a train step that clips
+  and then steps is one graph.  They exist so that AOT sees the step as an
+  inference graph; the backend compiles a graph that records no autograd
+  history under ``no_grad`` instead (:mod:`fxmesh.backend`).  Where
+  ``opt.step`` itself is compiled they stay: its outer frames (torch.optim's
+  wrappers) are shared by every optimizer class, and one graph through them
+  would make Dynamo treat hyperparameters that differ between optimizers as
+  dynamic.
 
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.
@@ -76,6 +81,7 @@ FUNCTIONAL_APIS = frozenset(
 
 # Code of the wrapper torch.optim puts around every ``step`` (a closure, one code object).
 _OPTIMIZER_STEP_WRAPPER = _use_grad_for_differentiable(lambda self: None).__code__
+_OPTIMIZER_FILE = _OPTIMIZER_STEP_WRAPPER.co_filename
 
 
 # torch.nn.utils functions traced as fxmesh's versions, which defer to torch's
@@ -151,7 +157,13 @@ def _lookup(table: dict[Any, Any], value: Any) -> Any:
 
 
 def _is_optimizer_step_graph_break(value: Any, tx: Any) -> bool:
-    return value is torch._dynamo.graph_break and getattr(tx, "f_code", None) is _OPTIMIZER_STEP_WRAPPER
+    """A graph break that fences a step called from user code (not one of ``torch.compile(opt.step)``)."""
+    if value is not torch._dynamo.graph_break or getattr(tx, "f_code", None) is not _OPTIMIZER_STEP_WRAPPER:
+        return False
+    root = tx
+    while getattr(root, "parent", None) is not None:
+        root = root.parent
+    return root.f_code.co_filename != _OPTIMIZER_FILE
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from fxmesh.errors import UnsupportedInputError
+from fxmesh.errors import EagerFallback, UnsupportedInputError
 from fxmesh.fused_ops import FusedOp, bind, fused_op
 from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
 
@@ -145,6 +145,12 @@ def lower_fused_calls(
         for name in op.list_args:
             for i, entry in enumerate(args[name]):
                 check_entry(op.name, i, name, entry, scalar_lists)
+        for name, value in args.items():
+            if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
+                raise EagerFallback(
+                    f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
+                    "between compiles); fxmesh lowers constant hyperparameters and a tensor lr"
+                )
         fake_mode = fake_mode or graph_fake_mode(gm)
         before = node.prev
         with graph.inserting_before(node):

@@ -25,8 +25,11 @@ STEPS = 5
 
 
 def unexpected_graph_breaks() -> list[str]:
-    """All graph breaks: under fxmesh not even torch.optim's own ``graph_break()`` fences remain."""
-    return list(counters["graph_break"])
+    """Graph breaks other than the optimizer base class's own ``torch._dynamo.graph_break()``.
+
+    fxmesh keeps those where ``opt.step`` itself is compiled (see fxmesh.capture).
+    """
+    return [reason for reason in counters["graph_break"] if "User-inserted graph break" not in reason]
 
 
 def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None, grad_views=False):

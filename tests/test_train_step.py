@@ -1,0 +1,71 @@
+"""Optimizer steps called from a user function compiled with ``backend="fxmesh"`` (a train step).
+
+There fxmesh skips torch.optim's own graph breaks around the step, so the step
+shares a graph with what the function does around it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads
+
+STEPS = 4
+
+
+def _run(meshes, make_opt, before_step=None):
+    params = dtensor_params(meshes)
+    eager_params = clone_params(params)
+    opt, eager_opt = make_opt(params), make_opt(eager_params)
+
+    @torch.compile(backend="fxmesh")
+    def train_step():
+        opt.step()
+
+    for s in range(STEPS):
+        set_grads([params, eager_params], s)
+        if before_step is not None:
+            before_step(s, opt, eager_opt)
+        train_step()
+        eager_opt.step()
+        assert_same_state(opt, eager_opt)
+    return opt
+
+
+def test_step_is_one_graph_with_its_caller(meshes):
+    """No graph break at all: the step and the function around it are one graph."""
+    _run(meshes, lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["fxmesh"]["graphs"] == 1
+
+
+def test_step_hook_that_records_autograd(meshes):
+    """A post-step hook computing with grad on puts autograd into the graph; the step still lowers and matches."""
+    seen = []
+
+    def make_opt(ps):
+        opt = torch.optim.AdamW(ps, lr=torch.tensor(1e-2), fused=True)
+        opt.register_step_post_hook(lambda o, args, kwargs: seen.append(ps[0].to_local().sum()))
+        return opt
+
+    _run(meshes, make_opt)
+    assert seen and all(t.requires_grad for t in seen)
+    assert counters["fxmesh"]["lowered_nodes"] >= 1
+
+
+def test_symbolic_hyperparameter_runs_eagerly(meshes, caplog):
+    """A float lr that changes every call turns symbolic in Dynamo: fxmesh says so and runs that graph eagerly."""
+
+    def new_lr(s, *opts):
+        for opt in opts:
+            opt.param_groups[0]["lr"] = 1e-2 / (s + 1)
+
+    with caplog.at_level(logging.WARNING, logger="fxmesh.backend"):
+        _run(meshes, lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), before_step=new_lr)
+    if not counters["fxmesh"]["eager_fallbacks"]:
+        pytest.fail(f"expected Dynamo to make lr symbolic and fxmesh to fall back; counters {dict(counters['fxmesh'])}")
+    assert "lr is a symbolic number" in caplog.text
