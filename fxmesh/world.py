@@ -1,8 +1,8 @@
-"""A small local multi-process world on the gloo backend, for the demo and the tests.
+"""A small local multi-process world, for the demo and the tests.
 
 :func:`run` spawns ``world_size`` processes on this machine, joins them into
-one gloo process group over 127.0.0.1 and returns what each rank's function
-returned.  A rank that raises stops the world; its traceback is in the error.
+one process group (gloo by default) over 127.0.0.1 and returns what each
+rank's function returned.  A rank that raises stops the world; its traceback is in the error.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, results: Any, args: tuple) -> None:
+def _rank_main(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, backend: str, results: Any, args: tuple
+) -> None:
     # Ranks share the machine's cores: one intra-op thread each, and Inductor
     # compiles in-process instead of starting a pool of workers per rank.
     torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -48,9 +50,13 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, re
             dist.destroy_process_group()
 
 
-def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks; return each rank's result.
+def run(
+    fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout: float = 900.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return each rank's result.
 
+    The ranks join a ``backend`` process group (gloo by default; ``fn`` picks
+    its own GPU for nccl).
     ``fn`` and its arguments and results must be picklable (``fn`` defined at
     module level).  Raises :class:`WorldError` if a rank raises, dies, or the
     world is not done after ``timeout`` seconds.
@@ -63,7 +69,7 @@ def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 90
     env = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", _loopback_interface())}
     with _environ(env):
         procs = [
-            ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, results, args), daemon=True)
+            ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, backend, results, args), daemon=True)
             for rank in range(world_size)
         ]
         for p in procs:

@@ -16,6 +16,9 @@ without a check: the value is the same on every rank by construction).
 
 Pre: nodes carry example values.  Post: every fused optimizer node has all its
 tensors on one mesh (or all plain) and no plain scalar tensor beside DTensors.
+``gm.meta[MESH_GROUPS_META]`` maps the name of every fused call the pass saw,
+split or not, to its groups as ``(mesh, number of parameters)`` pairs, for
+tools that report what the pass did (``fxmesh inspect``).
 Raises :class:`UnsupportedInputError` naming the parameter index when a
 gradient or state lives on another mesh than its parameter.
 """
@@ -43,12 +46,14 @@ from fxmesh.meshes import (
     replicate,
 )
 
-__all__ = ["split_by_mesh"]
+__all__ = ["MESH_GROUPS_META", "split_by_mesh"]
 
 log = logging.getLogger(__name__)
 
 # Metadata that stays true when a call is replaced by a slice of itself.
 _SAFE_META = ("stack_trace", "source_fn_stack", "nn_module_stack")
+
+MESH_GROUPS_META = "fxmesh_mesh_groups"
 
 
 def _entry_keys(node: torch.fx.Node, op: FusedOp, args: dict[str, Any]) -> list[MeshKey]:
@@ -116,6 +121,7 @@ def split_by_mesh(gm: torch.fx.GraphModule) -> PassResult:
             continue
         args = bind(node, op)
         groups = group_by_mesh(_entry_keys(node, op, args))
+        gm.meta.setdefault(MESH_GROUPS_META, {})[node.name] = [(str(key), len(idx)) for key, idx in groups.items()]
         if len(groups) < 2 and not any(
             key.mesh is not None and _has_plain_scalars(op, args, idx) for key, idx in groups.items()
         ):
