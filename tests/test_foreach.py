@@ -31,6 +31,11 @@ CASES = {
     "adamax-foreach": (torch.optim.Adamax, dict(lr=0.01, foreach=True)),
     "adadelta-foreach": (torch.optim.Adadelta, dict(lr=0.5, foreach=True)),
     "asgd-foreach": (torch.optim.ASGD, dict(lr=0.01, foreach=True)),
+    "nadam-for-loop": (torch.optim.NAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.01, foreach=False)),
+    "radam-for-loop": (torch.optim.RAdam, dict(lr=0.01, foreach=False)),
+    "adamax-for-loop": (torch.optim.Adamax, dict(lr=0.01, foreach=False)),
+    "adadelta-for-loop": (torch.optim.Adadelta, dict(lr=0.5, foreach=False)),
+    "asgd-for-loop": (torch.optim.ASGD, dict(lr=0.01, foreach=False)),
 }
 
 
