@@ -16,6 +16,9 @@ Variants:
   fxmesh             torch.compile(opt.step, backend="fxmesh")
   fxmesh_combo       the same with Inductor's combo kernels (GPU: fewer, larger launches)
   fxmesh_cudagraphs  the same with CUDA graphs (GPU)
+  eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
+                     across meshes; this is what torchtitan's per-mesh clipping amounts to)
+  fxmesh_clip        torch.nn.utils.clip_grad_norm_ + opt.step() compiled with fxmesh as one graph
 
 Columns: median ms per step and its spread (interquartile range), percent of the
 memory-bandwidth floor (the bytes one step must move, e.g. 28 B/param for fp32 AdamW, over a
@@ -56,7 +59,10 @@ VARIANTS = (
     "fxmesh",
     "fxmesh_combo",
     "fxmesh_cudagraphs",
+    "eager_clip",
+    "fxmesh_clip",
 )
+CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
 
 # Inductor options of the fxmesh variants; keys this torch does not know are dropped.
 VARIANT_INDUCTOR_CONFIG = {
@@ -167,13 +173,15 @@ def copy_bandwidth(device: str, timer: Timer) -> float:
     return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
 
-def step_bytes(workload: Workload, optimizer: str) -> int:
+def step_bytes(workload: Workload, optimizer: str, clip: bool = False) -> int:
     """Bytes one step must move: each tensor read once and each result written once."""
     import torch
 
     item = torch.empty((), dtype=getattr(torch, workload.dtype)).element_size()
     # AdamW: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq.
     tensors = {"adamw": 7, "adam": 7}[optimizer]
+    # Clipping: read the grads once more for the norm, write them scaled.
+    tensors += 2 if clip else 0
     return tensors * item * workload.numel
 
 
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(dev)
     bandwidth = copy_bandwidth(dev, timer)
     floor_ms = step_bytes(workload, args.optimizer) / bandwidth * 1e3
+    clip_floor_ms = step_bytes(workload, args.optimizer, clip=True) / bandwidth * 1e3
     opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[args.optimizer]
 
     def params(kind: str) -> list[torch.nn.Parameter]:
@@ -280,6 +289,23 @@ def main(argv: list[str] | None = None) -> int:
             return torch.compile(optimizer(params("plain"), foreach=True).step), True
         if variant == "fxmesh":
             return torch.compile(optimizer(params("dtensor"), fused=True).step, backend="fxmesh"), True
+        if variant in CLIP_VARIANTS:
+            ps = params("dtensor")
+            opt = optimizer(ps, fused=True)
+            if variant == "eager_clip":
+
+                def clip_and_step():
+                    fxmesh.clip_grad_norm_(ps, 1.0)
+                    opt.step()
+
+                return clip_and_step, False
+
+            @torch.compile(backend="fxmesh")
+            def compiled_clip_and_step():
+                torch.nn.utils.clip_grad_norm_(ps, 1.0)
+                opt.step()
+
+            return compiled_clip_and_step, True
         if variant in VARIANT_INDUCTOR_CONFIG:
             if dev != "cuda":
                 raise RuntimeError("GPU only")
@@ -335,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 if reasons:
                     row.note = f"{breaks} graph breaks, runs eager where it breaks: {_gist(reasons[0])}"
             row.kernels = kernels_per_step(step)
-            row.floor_pct = 100 * floor_ms / row.median_ms
+            row.floor_pct = 100 * (clip_floor_ms if variant in CLIP_VARIANTS else floor_ms) / row.median_ms
         except Exception as e:  # a variant that fails is reported, not fatal
             row.note = f"fails: {type(e).__name__}: {_gist(str(e))}"
             if os.environ.get("FXMESH_BENCH_TRACEBACK"):
@@ -347,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if base and row.median_ms:
             row.speedup = base / row.median_ms
+    eager_clip = next((r.median_ms for r in rows if r.variant == "eager_clip" and r.median_ms), None)
+    for row in rows:
+        if row.variant == "fxmesh_clip" and row.median_ms and eager_clip:
+            row.note = f"{eager_clip / row.median_ms:.2f}x eager_clip" + (f"; {row.note}" if row.note else "")
 
     if dev == "cuda":
         machine = torch.cuda.get_device_name()
@@ -356,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.optimizer} step, workload {workload.name}: {len(workload.shapes)} tensors, "
         f"{workload.numel / 1e6:.1f}M {workload.dtype} params on meshes {sorted(set(workload.meshes))}; "
         f"{machine}, torch {torch.__version__}, {datetime.date.today()}; "
-        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {floor_ms:.3f} ms"
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {floor_ms:.3f} ms ({clip_floor_ms:.3f} ms with clipping)"
     )
 
     def fmt(v, spec):
@@ -405,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                     "workload": dataclasses.asdict(workload) | {"numel": workload.numel},
                     "bandwidth_bytes_per_s": bandwidth,
                     "floor_ms": floor_ms,
+                    "clip_floor_ms": clip_floor_ms,
                     "rows": [dataclasses.asdict(r) for r in rows],
                 },
                 f,

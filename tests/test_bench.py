@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 BENCH = pathlib.Path(__file__).parents[1] / "bench" / "optim_step.py"
 
 
@@ -14,15 +16,19 @@ def test_optim_step_smoke(tmp_path):
     """Every requested variant gets a time (or a reason), and the JSON matches the table."""
     out_json = tmp_path / "out.json"
     cmd = [sys.executable, str(BENCH), "--tensors", "4", "--shape", "8", "8", "--steps", "3", "--warmup", "1"]
-    cmd += ["--variants", "eager_fused,eager_fused_plain,torch_compile_foreach,fxmesh", "--json", str(out_json)]
+    variants = "eager_fused,eager_fused_plain,torch_compile_foreach,fxmesh,eager_clip,fxmesh_clip"
+    cmd += ["--variants", variants, "--json", str(out_json)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out_json.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["eager_fused", "eager_fused_plain", "torch_compile_foreach", "fxmesh"]
-    for name in ("eager_fused", "eager_fused_plain", "fxmesh"):
+    assert list(rows) == variants.split(",")
+    for name in ("eager_fused", "eager_fused_plain", "fxmesh", "eager_clip"):
         assert rows[name]["median_ms"] > 0 and not rows[name]["note"], rows[name]
-    assert rows["fxmesh"]["compile_s"] > 0 and rows["fxmesh"]["recompiles"] == 0
+    for name in ("fxmesh", "fxmesh_clip"):
+        assert rows[name]["compile_s"] > 0 and rows[name]["recompiles"] == 0, rows[name]
+    assert rows["fxmesh_clip"]["note"].endswith("x eager_clip"), rows["fxmesh_clip"]
+    assert result["clip_floor_ms"] == pytest.approx(result["floor_ms"] * 9 / 7)  # + read and write the grads
     assert rows["eager_fused"]["speedup"] == 1.0
     # Upstream compile of foreach across meshes fails at fake-tensor propagation; the row says why.
     assert rows["torch_compile_foreach"]["median_ms"] is None
