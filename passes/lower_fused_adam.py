@@ -15,16 +15,21 @@ grad``.  Everywhere the elementwise part runs in the parameter's opmath type
 gradient; ``found_inf == 1`` leaves every tensor unchanged.  Results are written
 back with ``copy_``, after all of a parameter's math, so the call stays in place.
 
-The per-parameter scalars of one call are computed together, as one
-``(params, 2)`` table on the local step tensors, and the table is
-materialized (:func:`fxmesh.lowering.materialized`).  Written per parameter, Inductor inlined
-each 0-dim scalar into its reader, and each parameter's vectorized loop
-recomputed ``pow(beta, step)`` in float64 in every iteration: on CPU that made
-the step 2.5x slower (200 params of 64x64: 3.1-3.6 ms against 1.1-1.2 ms).
-Inductor happens to realize the stacked table by itself today; materializing
-it explicitly keeps that from resting on its cat and reuse heuristics.  Inside
-a DTensor group the table's plain 0-dim entries are replicated implicitly on
-the group's one mesh.
+The per-parameter scalars of one call are computed together, as a
+``(rows, 2)`` table on the local step tensors for every :data:`TABLE_ROWS`
+parameters, and each table is materialized
+(:func:`fxmesh.lowering.materialized`).  Written per parameter, Inductor
+inlined each 0-dim scalar into its reader, and each parameter's vectorized
+loop recomputed ``pow(beta, step)`` in float64 in every iteration: on CPU that
+made the step 2.5x slower (200 params of 64x64: 3.1-3.6 ms against 1.1-1.2
+ms).  One table for a whole call made every parameter's update depend on every
+step count, and Inductor's scheduler, which tracks each node's ancestors and
+tries fusions within groups of nodes that read a common buffer, grew
+quadratically: 500 parameters compiled in 142 s, against 119 s with tables of
+16 rows.  Inductor happens to realize a stacked table by itself today;
+materializing it explicitly keeps that from resting on its cat and reuse
+heuristics.  Inside a DTensor group the table's plain 0-dim entries are
+replicated implicitly on the group's one mesh.
 
 Pre: run after ``split_by_mesh``: every call has its tensors on one mesh and
 its scalar tensors on that mesh too.  Post: no fused Adam/AdamW node is left.
@@ -46,7 +51,11 @@ from fxmesh.fused_ops import FusedOp
 from fxmesh.lowering import OPMATH, local, lower_fused_calls, materialized, round_to, upcast, write_back
 from fxmesh.meshes import example_value
 
-__all__ = ["lower_fused_adam"]
+__all__ = ["TABLE_ROWS", "lower_fused_adam"]
+
+# Parameters per scalar table: one kernel computes a table, and the scheduler's
+# work grows with the number of updates that read one table.
+TABLE_ROWS = 16
 
 
 def _scalar_table(steps: list[Proxy], lr: float | Proxy, beta1: float, beta2: float, dtype: torch.dtype) -> Proxy:
@@ -80,7 +89,7 @@ def _adam_update(
 ) -> None:
     """One parameter's fused Adam(W) update, traced onto the graph.
 
-    ``scalars`` is this parameter's row of :func:`_scalar_table`.  With
+    ``scalars`` is this parameter's row of a :func:`_scalar_table`.  With
     ``gpu_kernel`` the hyperparameters are already rounded to ``opmath``.
     """
 
@@ -135,15 +144,17 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
         hyper = {k: v if isinstance(v, torch.fx.Node) else round_to(v, opmath) for k, v in hyper.items()}
     table_dtype = opmath if gpu_kernel else torch.float64
     lr = proxy(hyper["lr"])
-    table = _scalar_table([proxy(s) for s in steps], lr, hyper["beta1"], hyper["beta2"], table_dtype)
     for i in range(len(params)):
+        if i % TABLE_ROWS == 0:
+            rows = [proxy(s) for s in steps[i : i + TABLE_ROWS]]
+            table = _scalar_table(rows, lr, hyper["beta1"], hyper["beta2"], table_dtype)
         _adam_update(
             proxy(params[i]),
             proxy(grads[i]),
             proxy(exp_avgs[i]),
             proxy(exp_avg_sqs[i]),
             proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
-            table[i],
+            table[i % TABLE_ROWS],
             opmath=OPMATH[example_value(params[i]).dtype],
             lr=lr,
             beta1=hyper["beta1"],

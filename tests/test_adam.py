@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import Replicate, Shard
 
+from fxmesh.passes.lower_fused_adam import TABLE_ROWS
 from tests.helpers import (
     DEVICE,
     KERNEL_PREFIX,
@@ -73,18 +74,20 @@ def test_adamw_three_meshes(meshes, grad_views):
     assert counters["fxmesh"]["mesh_groups"] == 3
 
 
-def test_scalars_computed_once_per_mesh_group(dp, ep):
-    """Per-parameter float64 scalars (pow(beta, step), step size) go into one table per mesh group.
+def test_scalars_computed_once_per_mesh_group(dp, ep, tp):
+    """Per-parameter float64 scalars (pow(beta, step), step size) go into tables of TABLE_ROWS rows at most.
 
     Inlined, Inductor would recompute them in every vectorized iteration of each parameter's loop.
-    Groups of 1 and of 9 parameters: below and above the inputs Inductor lowers as a pointwise cat.
+    Groups of 1, 9 and 9 + TABLE_ROWS parameters: below and above the inputs Inductor lowers as a
+    pointwise cat, and more than one table.
     """
     params = [torch.nn.Parameter(shard(torch.randn(16, 4), dp, [Shard(0)]))]
     params += [torch.nn.Parameter(shard(torch.randn(4, 6), ep, [Shard(0), Shard(1)])) for _ in range(9)]
+    params += [torch.nn.Parameter(shard(torch.randn(8, 3), tp, [Shard(0), Replicate()])) for _ in range(9 + TABLE_ROWS)]
     _, _, code = run_parity(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), params, steps=2)
     assert_fully_compiled(code)
     tables = re.findall(rf"empty_strided_{DEVICE}\(\((\d+), 2\), \(2, 1\), torch\.float(?:32|64)\)", code)
-    assert sorted(map(int, tables)) == [1, 9], tables
+    assert sorted(map(int, tables)) == sorted([1, 9, TABLE_ROWS, 9]), tables
 
 
 def test_adam_options_tensor_lr_param_groups(meshes):
