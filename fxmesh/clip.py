@@ -42,6 +42,12 @@ def _reduce_op(norm_type: float) -> str:
     return "sum"
 
 
+def _local(t: DTensor) -> torch.Tensor:
+    # Eagerly the local tensor itself: to_local() is an autograd.Function call,
+    # microseconds per gradient.  Dynamo traces to_local().
+    return t.to_local() if torch.compiler.is_compiling() else t._local_tensor
+
+
 def _local_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> list[torch.Tensor]:
     """The norm of each tensor's local shard (an empty shard has the reduction's identity)."""
     nonempty = [t for t in tensors if t.numel() > 0]
@@ -71,7 +77,7 @@ def _per_tensor_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bo
                         break
                 else:
                     sharded.append((t.device_mesh, dims, [i]))
-            t = t.to_local()
+            t = _local(t)
         locals_.append(t)
     norms = _local_norms(locals_, norm_type, foreach)
     op = _reduce_op(norm_type)
@@ -145,7 +151,7 @@ def clip_grads_with_norm_(
     each gradient's local shard is scaled, which is right for every placement.
     """
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
+    grads = [_local(p.grad) if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
     by_device: dict[torch.device, list[torch.Tensor]] = {}
