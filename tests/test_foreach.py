@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import KERNEL_PREFIX, dtensor_params
+from tests.helpers import DEVICE, KERNEL_PREFIX, dtensor_params
 from tests.test_adam import unexpected_graph_breaks
 from tests.test_sgd import run_local_parity
 
@@ -37,6 +37,20 @@ CASES = {
     "adadelta-for-loop": (torch.optim.Adadelta, dict(lr=0.5, foreach=False)),
     "asgd-for-loop": (torch.optim.ASGD, dict(lr=0.01, foreach=False)),
 }
+if DEVICE != "cpu":  # torch.optim refuses capturable=True for CPU tensors
+    CASES |= {
+        f"{name}-foreach-capturable": (cls, dict(lr=lr, foreach=True, capturable=True))
+        for name, cls, lr in [
+            ("adam", torch.optim.Adam, 0.01),
+            ("adamw", torch.optim.AdamW, 0.01),
+            ("rmsprop", torch.optim.RMSprop, 0.01),
+            ("nadam", torch.optim.NAdam, 0.01),
+            ("radam", torch.optim.RAdam, 0.01),
+            ("adamax", torch.optim.Adamax, 0.01),
+            ("adadelta", torch.optim.Adadelta, 0.5),
+            ("asgd", torch.optim.ASGD, 0.01),
+        ]
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))
