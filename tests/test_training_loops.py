@@ -7,7 +7,7 @@ compiled with backend="fxmesh" and checked against an eager step (``fxmesh.pytes
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from tests.helpers import local, shard
 
@@ -26,6 +26,15 @@ def regression_params(dp, ep) -> list[torch.nn.Parameter]:
     ]
 
 
+def grad_shard(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``p``'s gradient, laid out as ``p`` (torch 2.11's autograd hands back
+    Replicate gradients through ``to_local()`` of unevenly sharded parameters)."""
+    g = p.grad
+    if isinstance(g, DTensor) and g.placements != p.placements:
+        g = g.redistribute(p.device_mesh, p.placements)
+    return local(g)
+
+
 def train(opt, params, targets, scheduler=None) -> tuple[list[float], list[list[torch.Tensor]]]:
     """Steps 0.5 * ||p - target||^2 over this rank's shards; returns the losses and each step's local grads."""
     losses, grads = [], []
@@ -33,7 +42,7 @@ def train(opt, params, targets, scheduler=None) -> tuple[list[float], list[list[
         opt.zero_grad()
         loss = sum(0.5 * (local(p) - t).pow(2).sum() for p, t in zip(params, targets))
         loss.backward()
-        grads.append([local(p.grad).clone() for p in params])
+        grads.append([grad_shard(p).clone() for p in params])
         opt.step()
         if scheduler is not None:
             scheduler.step()
