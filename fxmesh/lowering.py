@@ -25,6 +25,7 @@ from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_valu
 
 __all__ = [
     "OPMATH",
+    "TABLE_ROWS",
     "Emit",
     "check_entry",
     "grad_prologue",
@@ -47,6 +48,12 @@ OPMATH = {
 # emit(op, args, proxy): trace one call's math; ``args`` as bound by
 # :func:`fxmesh.fused_ops.bind`, ``proxy`` wraps a node (other values pass through).
 Emit = Callable[[FusedOp, dict[str, Any], Callable[[Any], Any]], None]
+
+# Parameters per materialized scalar table.  One table per call made every
+# update depend on every step count and read one buffer, and Inductor's
+# scheduler (ancestor sets, pairwise fusion attempts among a buffer's readers)
+# grew quadratically with the parameters; one kernel computes each table.
+TABLE_ROWS = 16
 
 
 def round_to(x: float, dtype: torch.dtype) -> float:

@@ -6,7 +6,8 @@ kernel for CPU only (``Adagrad(fused=True)`` refuses CUDA parameters).
 
 What: each call becomes, per parameter, the math of aten's CPU kernel: the step
 (already incremented by torch.optim) gives ``clr = lr / (1 + (step - 1) *
-lr_decay)`` in float64, once per parameter as one materialized table per call;
+lr_decay)`` in float64, once per parameter, as materialized tables of
+:data:`fxmesh.lowering.TABLE_ROWS` rows;
 then ``grad_scale`` unscales and writes back the gradient, ``maximize`` negates
 it, weight decay adds ``param * weight_decay``, ``state_sum += grad * grad`` and
 ``param -= clr * grad / (sqrt(state_sum) + eps)``, in the opmath type.  The
@@ -30,6 +31,7 @@ from torch.fx.proxy import Proxy
 from fxmesh.fused_ops import FusedOp
 from fxmesh.lowering import (
     OPMATH,
+    TABLE_ROWS,
     grad_prologue,
     local,
     lower_fused_calls,
@@ -70,17 +72,19 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     params, grads, state_sums, steps = (args[name] for name in op.list_args)
     lr = proxy(args["lr"])
     lr64 = local(lr).to(torch.float64) if isinstance(lr, Proxy) else lr
-    steps64 = torch.stack([local(proxy(s)).to(torch.float64) for s in steps])
-    clr = lr64 / (1.0 + (steps64 - 1.0) * args["lr_decay"])
-    if len(steps) > 1:  # Inductor leaves a 1-element value alone
-        clr = materialized(clr, [1])
     for i in range(len(params)):
+        if i % TABLE_ROWS == 0:
+            rows = steps[i : i + TABLE_ROWS]
+            steps64 = torch.stack([local(proxy(s)).to(torch.float64) for s in rows])
+            clr = lr64 / (1.0 + (steps64 - 1.0) * args["lr_decay"])
+            if len(rows) > 1:  # Inductor leaves a 1-element value alone
+                clr = materialized(clr, [1])
         dtype = example_value(params[i]).dtype
         _adagrad_update(
             proxy(params[i]),
             proxy(grads[i]),
             proxy(state_sums[i]),
-            clr[i],
+            clr[i % TABLE_ROWS],
             weight_decay=args["weight_decay"],
             eps=args["eps"],
             maximize=args["maximize"],

@@ -16,8 +16,8 @@ gradient; ``found_inf == 1`` leaves every tensor unchanged.  Results are written
 back with ``copy_``, after all of a parameter's math, so the call stays in place.
 
 The per-parameter scalars of one call are computed together, as a
-``(rows, 2)`` table on the local step tensors for every :data:`TABLE_ROWS`
-parameters, and each table is materialized
+``(rows, 2)`` table on the local step tensors for every
+:data:`fxmesh.lowering.TABLE_ROWS` parameters, and each table is materialized
 (:func:`fxmesh.lowering.materialized`).  Written per parameter, Inductor
 inlined each 0-dim scalar into its reader, and each parameter's vectorized
 loop recomputed ``pow(beta, step)`` in float64 in every iteration: on CPU that
@@ -48,14 +48,19 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, local, lower_fused_calls, materialized, round_to, upcast, write_back
+from fxmesh.lowering import (
+    OPMATH,
+    TABLE_ROWS,
+    local,
+    lower_fused_calls,
+    materialized,
+    round_to,
+    upcast,
+    write_back,
+)
 from fxmesh.meshes import example_value
 
-__all__ = ["TABLE_ROWS", "lower_fused_adam"]
-
-# Parameters per scalar table: one kernel computes a table, and the scheduler's
-# work grows with the number of updates that read one table.
-TABLE_ROWS = 16
+__all__ = ["lower_fused_adam"]
 
 
 def _scalar_table(steps: list[Proxy], lr: float | Proxy, beta1: float, beta2: float, dtype: torch.dtype) -> Proxy:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.distributed.tensor import Shard
 
-from tests.helpers import DEVICE, dtensor_params, grad_scaler_state, local, set_grads
+from fxmesh.lowering import TABLE_ROWS
+from tests.helpers import DEVICE, dtensor_params, grad_scaler_state, local, set_grads, shard
 from tests.test_adam import assert_fully_compiled
 from tests.test_sgd import run_local_parity
 
@@ -61,3 +63,19 @@ def test_adagrad_low_precision(meshes, dtype):
     params = dtensor_params(meshes, dtype=dtype)
     _, _, code = run_local_parity(lambda ps: torch.optim.Adagrad(ps, lr=0.05, weight_decay=0.01, fused=True), params)
     assert_fully_compiled(code, op="_fused_adagrad")
+
+
+def test_adagrad_more_parameters_than_a_table(dp):
+    """More parameters on one mesh than fit one scalar table (TABLE_ROWS): every row lands on its parameter."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(shard(torch.randn(16, 3, generator=g), dp, [Shard(0)])) for _ in range(TABLE_ROWS + 3)]
+
+    def skip_some_at_first(s, *opts):
+        # Different step counts per parameter: each update must read its own row of its own table.
+        for opt in opts:
+            for i in (2, TABLE_ROWS + 1) if s == 0 else ():
+                opt.param_groups[0]["params"][i].grad = None
+
+    run_local_parity(
+        lambda ps: torch.optim.Adagrad(ps, lr=0.05, lr_decay=0.1, fused=True), params, before_step=skip_some_at_first
+    )

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.distributed.tensor import Replicate, Shard
 
-from fxmesh.passes.lower_fused_adam import TABLE_ROWS
+from fxmesh.lowering import TABLE_ROWS
 from tests.helpers import (
     DEVICE,
     KERNEL_PREFIX,
