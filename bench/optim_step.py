@@ -16,6 +16,7 @@ Variants:
   fxmesh             torch.compile(opt.step, backend="fxmesh")
   fxmesh_combo       the same with Inductor's combo kernels (GPU: fewer, larger launches)
   fxmesh_cudagraphs  the same with CUDA graphs (GPU)
+  fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
   fxmesh_clip        torch.nn.utils.clip_grad_norm_ + opt.step() compiled with fxmesh as one graph
@@ -59,6 +60,7 @@ VARIANTS = (
     "fxmesh",
     "fxmesh_combo",
     "fxmesh_cudagraphs",
+    "fxmesh_skip_spec_guards",
     "eager_clip",
     "fxmesh_clip",
 )
@@ -289,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             return torch.compile(optimizer(params("plain"), foreach=True).step), True
         if variant == "fxmesh":
             return torch.compile(optimizer(params("dtensor"), fused=True).step, backend="fxmesh"), True
+        if variant == "fxmesh_skip_spec_guards":
+            options = {"guard_filter_fn": fxmesh.skip_guard_on_dtensor_specs_unsafe}
+            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend="fxmesh", options=options), True
         if variant in CLIP_VARIANTS:
             ps = params("dtensor")
             opt = optimizer(ps, fused=True)

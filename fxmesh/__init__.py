@@ -9,6 +9,7 @@ from __future__ import annotations
 from fxmesh.backend import FxmeshBackend, backend, fxmesh_backend
 from fxmesh.clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from fxmesh.errors import EagerFallback, FxmeshError, UnsupportedInputError
+from fxmesh.guards import skip_guard_on_dtensor_specs_unsafe
 
 __all__ = [
     "EagerFallback",
@@ -20,6 +21,7 @@ __all__ = [
     "clip_grads_with_norm_",
     "fxmesh_backend",
     "get_total_norm",
+    "skip_guard_on_dtensor_specs_unsafe",
 ]
 
 
