@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks one GPU session runs (results go to bench/RESULTS.md): which arithmetic this
 # torch's fused CUDA Adam uses, the end-to-end tests on CUDA (Triton kernels; test_foreach adds
-# the capturable=True cases there), and the moe-shard benchmark with clipping.  Logs land in $OUT.  Needs pytest-xdist and tabulate (the GPU image has
-# both).  The CPU suite runs in CI and on torch 2.11/2.13 CPU builds, not here.  The two timeouts
-# (200 + 330 s) keep the whole script under the device tool's 600 s per call.
+# the capturable=True cases there), and the moe-shard benchmark with clipping.  Logs land in
+# $OUT.  Needs pytest-xdist and tabulate (the GPU image has both).  The CPU suite runs in CI and
+# on torch 2.11/2.13 CPU builds, not here.  The two timeouts (200 + 330 s) keep the whole script
+# under the device tool's 600 s per call.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fxmesh-device}
