@@ -34,6 +34,11 @@ __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 Group = dist.ProcessGroup | DeviceMesh
 
 
+def _as_list(tensors: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """A tensor or an iterable of them (a parameter generator, say), as torch's clipping takes them."""
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
 def _reduce_op(norm_type: float) -> str:
     if norm_type == math.inf:
         return "max"
@@ -118,7 +123,7 @@ def get_total_norm(
     same on every rank.  ``group`` (a process group or 1-D DeviceMesh) folds in
     the norms held by its other ranks, e.g. the other pipeline stages.
     """
-    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    tensors = _as_list(tensors)
     norm_type = float(norm_type)
     if not tensors:
         return torch.tensor(0.0)
@@ -150,7 +155,7 @@ def clip_grads_with_norm_(
     Like ``torch.nn.utils.clip_grads_with_norm_``, for gradients on any meshes:
     each gradient's local shard is scaled, which is right for every placement.
     """
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    parameters = _as_list(parameters)
     grads = [_local(p.grad) if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
@@ -185,7 +190,7 @@ def clip_grad_norm_(
     ``group`` (a process group or 1-D DeviceMesh, e.g. torchtitan's ``pp``
     mesh) folds in the norms of the gradients held by its other ranks.
     """
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    parameters = _as_list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, group)
     clip_grads_with_norm_(parameters, max_norm, total, foreach)
@@ -213,7 +218,7 @@ def torch_get_total_norm(
 ) -> torch.Tensor:
     """What ``torch.nn.utils.get_total_norm`` runs under ``backend="fxmesh"``: fxmesh's norm where the
     tensors span several meshes (upstream fails there), upstream's own everywhere else."""
-    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    tensors = _as_list(tensors)
     if spans_meshes(tensors):
         return get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     with torch.no_grad():
@@ -231,7 +236,7 @@ def torch_clip_grads_with_norm_(
     Across meshes fxmesh scales the local shards: torch's ``_foreach_mul_`` over
     DTensors leaves a ``Partial`` gradient unscaled on torch 2.11.
     """
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    parameters = _as_list(parameters)
     if spans_meshes(p.grad for p in parameters if p.grad is not None):
         return clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     with torch.no_grad():

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from fxmesh import world
 from fxmesh.clip import clip_grad_norm_
-from fxmesh.meshes import describe_mesh
+from fxmesh.meshes import describe_mesh, group_by_mesh, mesh_key
 
 __all__ = ["OPTIMIZERS", "DemoConfig", "DemoResult", "run_demo"]
 
@@ -241,27 +241,21 @@ def _rank_main(rank: int, world_size: int, config: DemoConfig, checkpoint_dir: s
     resumed_max_diff = _max_rel_diff(resumed_model, model)
     if rank != 0:
         return None
+    params = list(model.parameters())
     meshes = [
         {
-            "mesh": describe_mesh(mesh),
-            "dims": ", ".join(mesh.mesh_dim_names),
-            "shape": "x".join(map(str, mesh.shape)),
-            "parameters": len(ps),
-            "elements": sum(p.numel() for p in ps),
-            "elements on rank 0": sum(p.to_local().numel() for p in ps),
+            "mesh": describe_mesh(key.mesh),
+            "dims": ", ".join(key.mesh.mesh_dim_names),
+            "shape": "x".join(map(str, key.mesh.shape)),
+            "parameters": len(idx),
+            "elements": sum(params[i].numel() for i in idx),
+            "elements on rank 0": sum(params[i].to_local().numel() for i in idx),
         }
-        for mesh, ps in _by_mesh(model).items()
+        for key, idx in group_by_mesh(mesh_key(p) for p in params).items()
     ]
     return DemoResult(
         config, rows, resumed, resumed_max_diff, meshes, compile_seconds, graphs, graph_breaks, mesh_groups, eager_impl
     )
-
-
-def _by_mesh(model: torch.nn.Module) -> dict[DeviceMesh, list[DTensor]]:
-    groups: dict[DeviceMesh, list[DTensor]] = {}
-    for p in model.parameters():
-        groups.setdefault(p.device_mesh, []).append(p)
-    return groups
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
