@@ -1,18 +1,46 @@
-"""An opt-in ``guard_filter_fn`` that drops Dynamo's per-call DTensor spec guards.
+"""Cheaper Dynamo guards for DTensor inputs.
 
-Dynamo guards every DTensor input of a compiled frame on its mesh and
-placements, in Python, on every call: it compares a deep copy of the spec, so
-``DeviceMesh.__eq__`` walks the rank maps instead of returning on identity.
-For an optimizer step over 200 DTensor parameters on a 2-core CPU that is
-about half of the host time of a call (1.13 ms against 0.59 ms without them).
+Dynamo guards every DTensor input of a compiled frame in Python, on every call:
+
+- ``DTENSOR_SPEC_MATCH`` on ``x._spec``: mesh, placements, shard order and
+  dtype, compared with a deep copy of the spec taken at compile time.  The
+  copy holds a copy of the mesh, so ``DeviceMesh.__eq__`` cannot return on
+  identity and compares the rank map and layout field by field.
+- ``OPAQUE_OBJ_GUARD_FN_MATCH`` on ``x.device_mesh`` (torch >= 2.11, where
+  ``DeviceMesh`` is an opaque reference type): the same five mesh fields
+  again, through the mesh's registered ``guard_fn``.
+
+An optimizer step guards every gradient like this (parameters and states are
+guarded by id), so at 1,000 parameters these two Python checks are the
+largest part of a call's host time.  :func:`streamline_dtensor_guards`, run by
+the fxmesh backend while the frame's guards are still being collected, makes
+them cheaper without changing what they accept:
+
+- the mesh guard of a DTensor whose spec is guarded is dropped: the spec guard
+  compares that mesh with ``DeviceMesh.__eq__``, over the same fields;
+- the spec guard keeps a shallow copy of the spec, so its mesh is the mesh
+  object itself and ``DeviceMesh.__eq__`` returns on identity.  A mesh's
+  compared fields never change after construction; placements and dtype are
+  still compared by value.
+
+:func:`skip_guard_on_dtensor_specs_unsafe` goes further and drops the spec
+guards; that one is opt-in because it is not equivalent.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["skip_guard_on_dtensor_specs_unsafe"]
+__all__ = ["skip_guard_on_dtensor_specs_unsafe", "streamline_dtensor_guards"]
+
+log = logging.getLogger(__name__)
+
+_SPEC_GUARD = "DTENSOR_SPEC_MATCH"
+_MESH_GUARD = "OPAQUE_OBJ_GUARD_FN_MATCH"
 
 
 def skip_guard_on_dtensor_specs_unsafe(guard_entries: Sequence[Any]) -> list[bool]:
@@ -24,6 +52,77 @@ def skip_guard_on_dtensor_specs_unsafe(guard_entries: Sequence[Any]) -> list[boo
     DTensor input changes its mesh or placements after the first compile (an
     optimizer's parameters, gradients and states keep theirs).  Without the
     guard such a change goes unnoticed, and the compiled step reads the new
-    local tensors as if they were laid out as before.
+    local tensors as if they were laid out as before.  (Under the fxmesh
+    backend the separate mesh guards are already gone, see
+    :func:`streamline_dtensor_guards`; with this filter nothing checks the mesh.)
     """
-    return [entry.guard_type != "DTENSOR_SPEC_MATCH" for entry in guard_entries]
+    return [entry.guard_type != _SPEC_GUARD for entry in guard_entries]
+
+
+def streamline_dtensor_guards() -> int:
+    """Make the current frame's DTensor guards cheaper; returns how many guards changed.
+
+    Call from a backend: Dynamo builds the frame's guards from this set after
+    the backend returns.  Does nothing outside a Dynamo compile, or where the
+    guards do not look as described in the module docstring.
+    """
+    from torch._dynamo.source import AttrSource
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    if context is None:
+        return 0
+    guards = context.guards_context.dynamo_guards
+
+    def owner(guard: Any, member: str) -> Any:
+        source = guard.originating_source
+        if isinstance(source, AttrSource) and source.member == member:
+            return source.base
+        return None
+
+    spec_guards = [g for g in guards if g.create_fn_name() == _SPEC_GUARD and owner(g, "_spec") is not None]
+    if not spec_guards:
+        return 0
+    spec_owners = {owner(g, "_spec") for g in spec_guards}
+    redundant = {id(g) for g in guards if g.create_fn_name() == _MESH_GUARD and owner(g, "device_mesh") in spec_owners}
+    kept = []
+    changed = len(redundant)
+    for guard in guards:
+        if id(guard) in redundant:
+            continue
+        if guard.create_fn_name() == _SPEC_GUARD and guard.create_fn is not _spec_match_sharing_the_mesh:
+            guard = copy.copy(guard)
+            guard.create_fn = _spec_match_sharing_the_mesh
+            guard._hash = None
+            changed += 1
+        kept.append(guard)
+    _replace_guards(guards, kept)
+    log.debug("fxmesh: %d DTensor guards made cheaper (%d mesh guards dropped)", changed, len(redundant))
+    return changed
+
+
+def _replace_guards(guards: Any, kept: list[Any]) -> None:
+    # GuardsSet has no public way to replace guards; its constructor rebuilds
+    # whatever per-source index this torch keeps.
+    guards.__dict__.update(vars(type(guards)(type(guards.inner)(kept))))
+
+
+def _original_spec_match() -> Any:
+    from torch._dynamo.guards import GuardBuilder
+
+    return GuardBuilder.DTENSOR_SPEC_MATCH
+
+
+# Dynamo's DTENSOR_SPEC_MATCH (same name, so guard filters and logs see the
+# same guard type), comparing against a shallow copy of the spec.
+@functools.wraps(_original_spec_match())
+def _spec_match_sharing_the_mesh(builder: Any, guard: Any) -> None:
+    from torch._dynamo.guards import get_verbose_code_parts
+
+    expected = copy.copy(builder.get(guard))
+
+    def guard_fn(x: Any) -> bool:
+        return x._check_equals(expected, skip_shapes=True)
+
+    code = f"__dtensor_spec_{id(guard_fn)}"
+    builder.get_guard_manager(guard).add_lambda_guard(guard_fn, get_verbose_code_parts(code, guard), guard.user_stack)

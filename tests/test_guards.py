@@ -1,7 +1,8 @@
-"""The opt-in guard filter that drops Dynamo's DTensor spec guards."""
+"""DTensor guards: the streamlined ones the backend installs, and the opt-in filter that drops the spec guards."""
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -37,3 +38,87 @@ def test_skip_guard_on_dtensor_specs(meshes, skip):
             assert_same_state(opt, eager_opt)
     assert (checks.count(True) == 0) == skip, f"{checks.count(True)} DTensor spec guard checks on the last call"
     assert torch._dynamo.utils.counters["fxmesh"]["graphs"] == 1
+
+
+def _layouts(meshes):
+    """DTensors with the same local tensor: a reference layout and variants that differ in one thing."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from tests.helpers import DEVICE
+
+    local = torch.randn(4, 4, device=DEVICE)
+    dp = meshes["dp"]
+    renamed = init_device_mesh(DEVICE, (8,), mesh_dim_names=("renamed",))
+    rebuilt = init_device_mesh(DEVICE, (8,), mesh_dim_names=("dp",))  # equal to dp, another object
+    return {
+        "reference": DTensor.from_local(local, dp, [Shard(0)], run_check=False),
+        "equal mesh, other object": DTensor.from_local(local, rebuilt, [Shard(0)], run_check=False),
+        "other placement": DTensor.from_local(local, dp, [Replicate()], run_check=False),
+        "other mesh": DTensor.from_local(local, renamed, [Shard(0)], run_check=False),
+    }
+
+
+@pytest.mark.parametrize("streamline", [False, True], ids=["dynamo-guards", "streamlined"])
+def test_streamlined_dtensor_guards_accept_what_dynamo_accepts(meshes, streamline):
+    """Dropping the mesh guard and sharing the mesh in the spec guard changes no guard decision."""
+    layouts = _layouts(meshes)
+    fn = torch.compile(lambda x: x * 2, backend=fxmesh.backend(compiler="eager", streamline_guards=streamline))
+    counters = torch._dynamo.utils.counters["fxmesh"]
+    recompiled = {}
+    for name, x in layouts.items():
+        fn(layouts["reference"])  # the reference graph is cached first
+        before = counters["graphs"]
+        torch.testing.assert_close(fn(x).to_local(), x.to_local() * 2)
+        recompiled[name] = counters["graphs"] > before
+        torch._dynamo.reset()
+    assert recompiled == {
+        "reference": False,
+        "equal mesh, other object": False,
+        "other placement": True,
+        "other mesh": True,
+    }
+    assert (counters["streamlined_guards"] > 0) == streamline
+
+
+@pytest.mark.parametrize("streamline", [False, True], ids=["dynamo-guards", "streamlined"])
+def test_streamlined_guards_skip_the_redundant_mesh_checks(meshes, streamline):
+    """Per call, the streamlined guards run no mesh guard_fn and never compare two distinct meshes."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    calls = {"mesh_guard_fn": 0, "mesh_field_compare": 0}
+    check_opaque_obj = getattr(torch._dynamo.guards, "check_opaque_obj", None)
+    mesh_eq = DeviceMesh.__eq__
+
+    def counting_opaque(*args):
+        calls["mesh_guard_fn"] += 1
+        return check_opaque_obj(*args)
+
+    def counting_eq(self, other):
+        calls["mesh_field_compare"] += self is not other
+        return mesh_eq(self, other)
+
+    params = dtensor_params(meshes)
+    eager_params = clone_params(params)
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), fused=True)
+    eager_opt = torch.optim.AdamW(eager_params, lr=torch.tensor(1e-2), fused=True)
+    step = torch.compile(opt.step, backend=fxmesh.backend(streamline_guards=streamline))
+    set_grads([params, eager_params], 0)
+    step()
+    eager_opt.step()
+    patches = [mock.patch.object(DeviceMesh, "__eq__", counting_eq)]
+    if check_opaque_obj is not None:
+        patches.append(mock.patch.object(torch._dynamo.guards, "check_opaque_obj", counting_opaque))
+    for s in range(1, 3):
+        set_grads([params, eager_params], s)
+        with contextlib.ExitStack() as stack:  # only the compiled call: eager DTensor ops compare meshes too
+            for p in patches:
+                stack.enter_context(p)
+            step()
+        eager_opt.step()
+    assert_same_state(opt, eager_opt)
+    assert torch._dynamo.utils.counters["fxmesh"]["graphs"] == 1
+    if streamline:
+        assert calls == {"mesh_guard_fn": 0, "mesh_field_compare": 0}
+    else:  # what the streamlining removes: each gradient's mesh compared field by field, at least once
+        assert calls["mesh_field_compare"] + calls["mesh_guard_fn"] >= 2 * len(params)
