@@ -33,6 +33,7 @@ __all__ = [
     "lower_fused_calls",
     "materialized",
     "round_to",
+    "stack_scalars",
     "upcast",
     "write_back",
 ]
@@ -75,6 +76,22 @@ def materialized(t: Proxy, stride: list[int]) -> Proxy:
     must have at least 2 elements (Inductor leaves 1-element values alone).
     """
     return torch.ops.prims.inductor_force_stride_order.default(t, stride)
+
+
+def stack_scalars(values: list[Proxy], device: torch.device) -> Proxy:
+    """``torch.stack`` of 0-dim values, written as a chain of ``where`` on a row index.
+
+    On the CPU Inductor lowers every ``stack``/``cat`` to a concat buffer whose
+    inputs are views into it, and its Python wrapper builds one view per input
+    on every call: about 1 us per parameter for a table of steps.  As
+    pointwise math the rows are read straight into the table's kernel.
+    """
+    # Built through the tracer: torch.arange of Python values would run eagerly.
+    rows = values[0].tracer.create_proxy("call_function", torch.arange, (len(values),), {"device": device})
+    out = values[0].expand(len(values))
+    for i, value in enumerate(values[1:], start=1):
+        out = torch.where(rows == i, value, out)
+    return out
 
 
 def upcast(t: Proxy, opmath: torch.dtype) -> Proxy:

@@ -37,6 +37,7 @@ from fxmesh.lowering import (
     lower_fused_calls,
     materialized,
     round_to,
+    stack_scalars,
     upcast,
     write_back,
 )
@@ -75,7 +76,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     for i in range(len(params)):
         if i % TABLE_ROWS == 0:
             rows = steps[i : i + TABLE_ROWS]
-            steps64 = torch.stack([local(proxy(s)).to(torch.float64) for s in rows])
+            steps64 = stack_scalars([local(proxy(s)).to(torch.float64) for s in rows], example_value(rows[0]).device)
             clr = lr64 / (1.0 + (steps64 - 1.0) * args["lr_decay"])
             if len(rows) > 1:  # Inductor leaves a 1-element value alone
                 clr = materialized(clr, [1])
