@@ -80,10 +80,9 @@ def streamline_dtensor_guards() -> int:
             return source.base
         return None
 
-    spec_guards = [g for g in guards if g.create_fn_name() == _SPEC_GUARD and owner(g, "_spec") is not None]
-    if not spec_guards:
+    spec_owners = {owner(g, "_spec") for g in guards if g.create_fn_name() == _SPEC_GUARD} - {None}
+    if not spec_owners:
         return 0
-    spec_owners = {owner(g, "_spec") for g in spec_guards}
     redundant = {id(g) for g in guards if g.create_fn_name() == _MESH_GUARD and owner(g, "device_mesh") in spec_owners}
     kept = []
     changed = len(redundant)
