@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from fxmesh.capture import install
 from fxmesh.errors import EagerFallback
 from fxmesh.guards import streamline_dtensor_guards
+from fxmesh.local import localize
 from fxmesh.passes import Pass, resolve_passes, run_passes
 
 __all__ = ["FxmeshBackend", "backend", "fxmesh_backend"]
@@ -40,6 +41,7 @@ class FxmeshBackend:
         compiler: str = "inductor",
         inductor_config: dict[str, Any] | None = None,
         streamline_guards: bool = True,
+        local_shards: bool = True,
     ) -> None:
         if compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {', '.join(_COMPILERS)}, not {compiler!r}")
@@ -49,6 +51,7 @@ class FxmeshBackend:
         # own per-input asserts cost ~2.5 us each, 1,000 per step for 200 params.
         self.inductor_config = {"size_asserts": False, **(inductor_config or {})}
         self.streamline_guards = streamline_guards
+        self.local_shards = local_shards
         install()
 
     def __repr__(self) -> str:
@@ -63,7 +66,8 @@ class FxmeshBackend:
         # graph breaks (fxmesh.capture) still computes under no_grad; compiled
         # with grad on, AOT would build a training graph that copies the
         # mutated parameters back outside Inductor's view.
-        inference = torch.is_grad_enabled() and not _records_autograd(gm)
+        records_autograd = _records_autograd(gm)
+        inference = torch.is_grad_enabled() and not records_autograd
         try:
             # The passes rewrite optimizer math, which torch.optim runs under
             # no_grad: the in-place updates of leaf parameters they trace are
@@ -75,6 +79,16 @@ class FxmeshBackend:
             counters["fxmesh"]["eager_fallbacks"] += 1
             return gm.forward
         log.debug("fxmesh passes that changed the graph: %s", modified)
+        # Autograd through to_local needs the DTensor; only no-grad math runs on the shards.
+        local = localize(gm, example_inputs) if self.local_shards and not records_autograd else None
+        if local is None:
+            return self._compile_in_mode(gm, example_inputs, inference)
+        counters["fxmesh"]["local_shard_graphs"] += 1
+        return local.wrap(self._compile_in_mode(local.gm, local.example_inputs, inference))
+
+    def _compile_in_mode(
+        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inference: bool
+    ) -> Callable[..., Any]:
         if not inference:
             return self._compile(gm, example_inputs)
         with torch.no_grad():
@@ -118,6 +132,7 @@ def backend(
     compiler: str = "inductor",
     inductor_config: dict[str, Any] | None = None,
     streamline_guards: bool = True,
+    local_shards: bool = True,
 ) -> FxmeshBackend:
     """Build an fxmesh backend for ``torch.compile(..., backend=...)``.
 
@@ -130,12 +145,16 @@ def backend(
         streamline_guards: make Dynamo's per-call DTensor guards of the frame
             cheaper without changing what they accept
             (:func:`fxmesh.guards.streamline_dtensor_guards`).
+        local_shards: compile a graph whose DTensor math is elementwise and
+            local over the DTensors' local tensors (:func:`fxmesh.local.localize`);
+            graphs with collectives or other non-local ops stay on DTensors.
     """
     return FxmeshBackend(
         passes=passes,
         compiler=compiler,
         inductor_config=inductor_config,
         streamline_guards=streamline_guards,
+        local_shards=local_shards,
     )
 
 

@@ -122,6 +122,7 @@ def foreach_per_mesh(op: Callable[..., Any]) -> Callable[..., Any]:
         return _call_per_mesh(op, args, kwargs)
 
     stand_in.__name__ = stand_in.__qualname__ = f"{op.__name__}_per_mesh"
+    stand_in.wrapped_op = op  # type: ignore[attr-defined]
     setattr(sys.modules[__name__], stand_in.__name__, stand_in)
     return torch._dynamo.allow_in_graph(stand_in)
 

@@ -1,0 +1,124 @@
+"""Graphs whose DTensor math is elementwise and local compile over the local shards (fxmesh.local)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+import fxmesh
+from fxmesh.backend import FxmeshBackend
+from fxmesh.meshes import example_value, replicate
+from tests.helpers import DEVICE, assert_same_state, clone_params, dtensor_params, set_grads
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """The graphs the backend hands to its inner compiler."""
+    graphs = []
+    compile_in_mode = FxmeshBackend._compile_in_mode
+
+    def recording(self, gm, example_inputs, inference):
+        graphs.append(gm)
+        return compile_in_mode(self, gm, example_inputs, inference)
+
+    monkeypatch.setattr(FxmeshBackend, "_compile_in_mode", recording)
+    return graphs
+
+
+def test_fused_step_runs_on_local_shards(meshes, compiled_graphs):
+    """A fused AdamW step over three meshes reaches Inductor with no DTensor left and matches eager."""
+    params = dtensor_params(meshes)
+    eager_params = clone_params(params)
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True)
+    eager_opt = torch.optim.AdamW(eager_params, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True)
+    step = torch.compile(opt.step, backend="fxmesh")
+    for s in range(5):
+        set_grads([params, eager_params], s)
+        step()
+        eager_opt.step()
+        assert_same_state(opt, eager_opt)
+    assert counters["fxmesh"]["local_shard_graphs"] == 1
+    (gm,) = compiled_graphs
+    for node in gm.graph.nodes:
+        value = example_value(node)
+        assert not any(isinstance(v, DTensor) for v in torch.utils._pytree.tree_leaves(value)), node.format_node()
+        assert node.target is not replicate and node.target != "to_local", node.format_node()
+    assert not any(isinstance(v, DTensor) for v in gm.state_dict().values())
+
+
+def test_local_shards_off(meshes):
+    """``local_shards=False`` compiles over the DTensors, with the same numbers."""
+    params = dtensor_params(meshes)
+    eager_params = clone_params(params)
+    opt = torch.optim.Adam(params, lr=1e-2, fused=True)
+    eager_opt = torch.optim.Adam(eager_params, lr=1e-2, fused=True)
+    step = torch.compile(opt.step, backend=fxmesh.backend(local_shards=False))
+    for s in range(3):
+        set_grads([params, eager_params], s)
+        step()
+        eager_opt.step()
+        assert_same_state(opt, eager_opt)
+    assert counters["fxmesh"]["graphs"] == 1
+    assert counters["fxmesh"]["local_shard_graphs"] == 0
+
+
+def test_mutated_dtensors_get_new_versions(meshes):
+    """Parameters updated on their local shards still count as modified in place for autograd; grads do not."""
+    params = dtensor_params(meshes)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    step = torch.compile(opt.step, backend="fxmesh")
+    set_grads([params], 0)
+    step()
+    assert counters["fxmesh"]["local_shard_graphs"] == 1
+    p = params[0]
+    saved = p * p  # autograd saves p for the backward
+    set_grads([params], 1)
+    versions = [p._version for p in params]
+    grad_versions = [p.grad._version for p in params]
+    step()
+    assert all(p._version > v for p, v in zip(params, versions))
+    assert [p.grad._version for p in params] == grad_versions
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward(torch.ones_like(saved))
+
+
+def _refused_cases(dp):
+    def dt(placements, shape=(16, 8)):
+        return DTensor.from_local(torch.randn(shape, device=DEVICE), dp, placements, run_check=False)
+
+    return {
+        # DTensor slices the replicated operand to the shard: not the same op on the raw local tensors.
+        "mixed layouts": (lambda a, b: a.add_(b), dt([Shard(0)]), dt([Replicate()], (128, 8))),
+        "partial operand": (lambda a, b: a.mul_(b), dt([Replicate()]), dt([Partial()])),
+        "reduction": (lambda a, b: a.div_(b.sum()), dt([Shard(0)]), dt([Shard(0)])),
+        "view": (lambda a, b: a.add_(b.t().t()), dt([Shard(0)]), dt([Shard(0)])),
+    }
+
+
+@pytest.mark.parametrize("case", ["mixed layouts", "partial operand", "reduction", "view"])
+def test_non_local_math_stays_on_dtensors(dp, case):
+    """Any op outside the local elementwise vocabulary keeps the graph on DTensors, and the result is eager's."""
+    fn, a, b = _refused_cases(dp)[case]
+    expected = fn(a.detach().clone(), b)
+    torch.compile(fn, backend="fxmesh")(a, b)
+    assert counters["fxmesh"]["graphs"] == 1
+    assert counters["fxmesh"]["local_shard_graphs"] == 0
+    torch.testing.assert_close(a.to_local(), expected.to_local(), rtol=1e-6, atol=0)
+
+
+def test_mutation_through_an_alias_bumps_the_dtensor(dp):
+    """An in-place op on ``detach()`` of a DTensor input still counts as modifying that DTensor."""
+    a = DTensor.from_local(torch.randn(4, 4, device=DEVICE), dp, [Shard(0)], run_check=False)
+    b = DTensor.from_local(torch.randn(4, 4, device=DEVICE), dp, [Shard(0)], run_check=False)
+    expected = a.to_local() * b.to_local()
+    version = a._version
+
+    def scale(a, b):
+        a.detach().mul_(b)
+
+    torch.compile(scale, backend="fxmesh")(a, b)
+    assert counters["fxmesh"]["local_shard_graphs"] == 1
+    assert a._version > version
+    torch.testing.assert_close(a.to_local(), expected, rtol=1e-6, atol=0)
