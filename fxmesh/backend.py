@@ -113,15 +113,17 @@ class FxmeshBackend:
 
 
 def _records_autograd(gm: torch.fx.GraphModule) -> bool:
-    """Whether any node of the graph makes a tensor that requires grad.
+    """Whether any node of the graph makes a tensor with autograd history.
 
     Dynamo records a traced value for every node that makes a tensor; nodes
-    without one (``_set_grad_enabled``, the in-place fused optimizer ops) make none.
+    without one (``_set_grad_enabled``, the in-place fused optimizer ops) make
+    none.  An in-place op on a parameter (the foreach step's ``_foreach_add_``)
+    returns the leaf parameter itself: it requires grad but has no history.
     """
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module"):
             values = torch.utils._pytree.tree_leaves(node.meta.get("example_value"))
-            if any(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
+            if any(isinstance(v, torch.Tensor) and v.grad_fn is not None for v in values):
                 return True
     return False
 
