@@ -16,7 +16,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
 python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn
 FXMESH_TEST_DEVICE=cuda timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -n 4 -p no:cacheprovider \
     tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py tests/test_train_step.py \
-    tests/test_clip.py >"$OUT/tests_cuda.log" 2>&1
+    tests/test_clip.py tests/test_local.py >"$OUT/tests_cuda.log" 2>&1
 echo "cuda tests: rc=$?"
 grep -E "^(FAILED|E  )" "$OUT/tests_cuda.log" | head -n 12
 tail -n 1 "$OUT/tests_cuda.log"
