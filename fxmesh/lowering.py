@@ -8,6 +8,7 @@ bookkeeping, and calls the pass's ``emit`` for the math of one call.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -149,6 +150,24 @@ def check_entry(op_name: str, i: int, name: str, node: torch.fx.Node, scalar_lis
         )
 
 
+def _symbolic_lr_tensor(graph: torch.fx.Graph, node: torch.fx.Node, lr: torch.fx.Node) -> torch.fx.Node | None:
+    """A float64 tensor holding a float lr that Dynamo made symbolic, or None if ``lr`` is another symbol.
+
+    When an LR scheduler changes a float lr every step, Dynamo recompiles once
+    and then passes the float as a 0-dim float64 tensor that the graph reads
+    with ``.item()``.  AOT's ``tensorify_python_scalars`` must turn every such
+    symbolic float back into tensor math, or it specializes it (and every new
+    lr recompiles); it does that for ``tensor + float``.  So the lowering gets
+    ``zeros_like(t) + lr``: exactly the float in float64, used as a tensor lr.
+    """
+    source = lr.args[0] if lr.op == "call_method" and lr.target == "item" else None
+    value = example_value(source) if isinstance(source, torch.fx.Node) else None
+    if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.float64):
+        return None
+    with graph.inserting_before(node):
+        return graph.call_function(operator.add, (graph.call_function(torch.zeros_like, (source,)), lr))
+
+
 def lower_fused_calls(
     gm: torch.fx.GraphModule, op_names: tuple[str, ...], emit: Emit, scalar_lists: tuple[str, ...] = ()
 ) -> PassResult:
@@ -169,13 +188,19 @@ def lower_fused_calls(
         for name in op.list_args:
             for i, entry in enumerate(args[name]):
                 check_entry(op.name, i, name, entry, scalar_lists)
+        fake_mode = fake_mode or graph_fake_mode(gm)
         for name, value in args.items():
             if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
-                raise EagerFallback(
-                    f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
-                    "between compiles); fxmesh lowers constant hyperparameters and a tensor lr"
-                )
-        fake_mode = fake_mode or graph_fake_mode(gm)
+                tensor = _symbolic_lr_tensor(graph, node, value) if name == "lr" else None
+                if tensor is None:
+                    raise EagerFallback(
+                        f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
+                        "between compiles); fxmesh lowers constant hyperparameters, a tensor lr, and a float "
+                        "lr that Dynamo reads from a tensor"
+                    )
+                propagate_example_value(tensor.args[0], fake_mode)
+                propagate_example_value(tensor, fake_mode)
+                args[name] = tensor
         before = node.prev
         with graph.inserting_before(node):
             emit(op, args, proxy)
