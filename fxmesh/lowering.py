@@ -150,8 +150,17 @@ def check_entry(op_name: str, i: int, name: str, node: torch.fx.Node, scalar_lis
         )
 
 
-def _symbolic_lr_tensor(graph: torch.fx.Graph, node: torch.fx.Node, lr: torch.fx.Node) -> torch.fx.Node | None:
-    """A float64 tensor holding a float lr that Dynamo made symbolic, or None if ``lr`` is another symbol.
+def _float64_source(value: torch.fx.Node) -> torch.fx.Node | None:
+    """The 0-dim float64 tensor a symbolic float is read from with ``.item()``, or None."""
+    source = value.args[0] if value.op == "call_method" and value.target == "item" else None
+    t = example_value(source) if isinstance(source, torch.fx.Node) else None
+    return source if isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == torch.float64 else None
+
+
+def _symbolic_lr_as_tensor(
+    graph: torch.fx.Graph, node: torch.fx.Node, lr: torch.fx.Node, fake_mode: Any
+) -> torch.fx.Node:
+    """A float64 tensor holding a float lr that Dynamo made symbolic.
 
     When an LR scheduler changes a float lr every step, Dynamo recompiles once
     and then passes the float as a 0-dim float64 tensor that the graph reads
@@ -160,12 +169,12 @@ def _symbolic_lr_tensor(graph: torch.fx.Graph, node: torch.fx.Node, lr: torch.fx
     lr recompiles); it does that for ``tensor + float``.  So the lowering gets
     ``zeros_like(t) + lr``: exactly the float in float64, used as a tensor lr.
     """
-    source = lr.args[0] if lr.op == "call_method" and lr.target == "item" else None
-    value = example_value(source) if isinstance(source, torch.fx.Node) else None
-    if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.float64):
-        return None
     with graph.inserting_before(node):
-        return graph.call_function(operator.add, (graph.call_function(torch.zeros_like, (source,)), lr))
+        zeros = graph.call_function(torch.zeros_like, (_float64_source(lr),))
+        tensor = graph.call_function(operator.add, (zeros, lr))
+    propagate_example_value(zeros, fake_mode)
+    propagate_example_value(tensor, fake_mode)
+    return tensor
 
 
 def lower_fused_calls(
@@ -191,16 +200,14 @@ def lower_fused_calls(
         fake_mode = fake_mode or graph_fake_mode(gm)
         for name, value in args.items():
             if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
-                tensor = _symbolic_lr_tensor(graph, node, value) if name == "lr" else None
-                if tensor is None:
+                if name != "lr" or _float64_source(value) is None:
                     raise EagerFallback(
                         f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
                         "between compiles); fxmesh lowers constant hyperparameters, a tensor lr, and a float "
                         "lr that Dynamo reads from a tensor"
                     )
-                propagate_example_value(tensor.args[0], fake_mode)
-                propagate_example_value(tensor, fake_mode)
-                args[name] = tensor
+        if isinstance(args.get("lr"), torch.fx.Node) and _float64_source(args["lr"]) is not None:
+            args["lr"] = _symbolic_lr_as_tensor(graph, node, args["lr"], fake_mode)
         before = node.prev
         with graph.inserting_before(node):
             emit(op, args, proxy)
