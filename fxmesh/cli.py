@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dump",
         type=Path,
         metavar="DIR",
-        help="write each graph before and after the passes, and Inductor's output code, into DIR",
+        help="write each graph before and after the passes, as compiled (over the local shards where it "
+        "can be), and Inductor's output code, into DIR",
     )
     inspect.add_argument("--strict", action="store_true", help="exit 1, saying why, unless the step is fully compiled")
     inspect.set_defaults(run=_inspect)

@@ -350,6 +350,10 @@ class _Recorder:
                 self.multi_mesh_nodes.append(f"graph {index} node {node.name} ({', '.join(summary.meshes)})")
         return PassResult(gm, False)
 
+    def compiled(self, gm: torch.fx.GraphModule) -> None:
+        """The graph the inner compiler gets: over the local shards where :mod:`fxmesh.local` applied."""
+        self._dump(f"graph_{self.graphs - 1}.compiled.py", gm.print_readable(print_output=False))
+
     def save_output_code(self, code: str) -> None:
         self._dump(f"output_code_{len(self.output_code)}.py", code)
         self.output_code.append(code)
@@ -386,6 +390,12 @@ class _RecordingBackend(FxmeshBackend):
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         self.recorder.before_passes(gm, example_inputs)
         return super().__call__(gm, example_inputs)
+
+    def _compile_in_mode(
+        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inference: bool
+    ) -> Callable[..., Any]:
+        self.recorder.compiled(gm)
+        return super()._compile_in_mode(gm, example_inputs, inference)
 
 
 def _summary(node: torch.fx.Node, graph: int) -> NodeSummary | None:

@@ -77,15 +77,19 @@ def test_json_clean_fused_step_passes_strict(adamw):
 
 
 def test_dump_writes_graphs_and_output_code(adamw):
-    """--dump: the graph with the fused call before the passes, without it after, and Inductor's C++ kernel."""
+    """--dump: the graph with the fused call before the passes, without it after, the graph Inductor gets
+    (over the local shards: no DTensor left), and Inductor's C++ kernel."""
     _, dump = adamw
     assert sorted(p.name for p in dump.iterdir()) == [
         "graph_0.after_passes.py",
         "graph_0.before_passes.py",
+        "graph_0.compiled.py",
         "output_code_0.py",
     ]
     assert "fused_adamw_" in (dump / "graph_0.before_passes.py").read_text()
     assert "fused_adamw_" not in (dump / "graph_0.after_passes.py").read_text()
+    assert "DTensor(" in (dump / "graph_0.after_passes.py").read_text()
+    assert "DTensor(" not in (dump / "graph_0.compiled.py").read_text()
     assert "cpp_fused" in (dump / "output_code_0.py").read_text()
 
 
