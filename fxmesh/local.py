@@ -16,9 +16,10 @@ DTensor at call time.  The local tensor is read on every call, never captured,
 so a DTensor whose local tensor is replaced is still updated where it lives.
 
 A graph qualifies only if every node that touches a DTensor is in a fixed
-vocabulary of elementwise ops and its DTensors share one layout; a collective,
-a reduction, a view, a random op or a DTensor output keeps the graph on the
-DTensor path.  Nothing here guesses whether an op is local.  The backend also
+vocabulary of elementwise ops and its DTensors share one layout; a DTensor
+collective or redistribution, a reduction, a view, a random op or a DTensor
+output keeps the graph on the DTensor path (collectives on plain local tensors,
+as ``fxmesh.clip`` issues them, do not touch a DTensor and are left alone).  Nothing here guesses whether an op is local.  The backend also
 keeps graphs that record autograd on DTensors: the gradient of ``to_local``
 needs the DTensor.
 """
