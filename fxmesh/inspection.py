@@ -142,6 +142,8 @@ class Report:
     eager_fallbacks: int
     # Fused optimizer nodes whose tensors still sit on several meshes after the passes.
     multi_mesh_nodes: list[str]
+    # Graphs compiled over the DTensors' local tensors (fxmesh.local); the others over DTensors.
+    local_shard_graphs: int = 0
 
     @property
     def fallbacks(self) -> int:
@@ -485,6 +487,7 @@ def inspect_step(
         compile_seconds=round(seconds, 3),
         eager_fallbacks=counters["fxmesh"]["eager_fallbacks"],
         multi_mesh_nodes=recorder.multi_mesh_nodes,
+        local_shard_graphs=counters["fxmesh"]["local_shard_graphs"],
     )
 
 

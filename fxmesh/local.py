@@ -19,9 +19,10 @@ A graph qualifies only if every node that touches a DTensor is in a fixed
 vocabulary of elementwise ops and its DTensors share one layout; a DTensor
 collective or redistribution, a reduction, a view, a random op or a DTensor
 output keeps the graph on the DTensor path (collectives on plain local tensors,
-as ``fxmesh.clip`` issues them, do not touch a DTensor and are left alone).  Nothing here guesses whether an op is local.  The backend also
-keeps graphs that record autograd on DTensors: the gradient of ``to_local``
-needs the DTensor.
+as ``fxmesh.clip`` issues them, do not touch a DTensor and are left alone).
+Nothing here guesses whether an op is local.  The backend also keeps graphs
+that record autograd on DTensors: the gradient of ``to_local`` needs the
+DTensor.
 """
 
 from __future__ import annotations
