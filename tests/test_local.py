@@ -125,3 +125,22 @@ def test_mutation_through_an_alias_bumps_the_dtensor(dp):
     assert counters["fxmesh"]["local_shard_graphs"] == 1
     assert a._version > version
     torch.testing.assert_close(a.to_local(), expected, rtol=1e-6, atol=0)
+
+
+def test_local_tensor_is_read_on_every_call(meshes):
+    """A parameter whose local tensor is swapped for another between steps is updated where it now lives."""
+    params = dtensor_params(meshes)
+    eager_params = clone_params(params)
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), fused=True)
+    eager_opt = torch.optim.AdamW(eager_params, lr=torch.tensor(1e-2), fused=True)
+    step = torch.compile(opt.step, backend="fxmesh")
+    for s in range(3):
+        set_grads([params, eager_params], s)
+        if s == 1:
+            swapped = params[0]._local_tensor.clone()
+            params[0]._local_tensor = swapped
+        step()
+        eager_opt.step()
+        assert_same_state(opt, eager_opt)
+    assert params[0]._local_tensor is swapped
+    assert counters["fxmesh"]["graphs"] == counters["fxmesh"]["local_shard_graphs"] == 1
