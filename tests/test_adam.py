@@ -33,11 +33,11 @@ def unexpected_graph_breaks() -> list[str]:
     return [reason for reason in counters["graph_break"] if "User-inserted graph break" not in reason]
 
 
-def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None, grad_views=False):
+def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None, grad_views=False, backend="fxmesh"):
     """Steps a compiled and an eager optimizer side by side; returns the generated code."""
     eager_params = clone_params(params)
     compiled_opt, eager_opt = make_opt(params), make_opt(eager_params)
-    step = torch.compile(compiled_opt.step, backend="fxmesh")
+    step = torch.compile(compiled_opt.step, backend=backend)
     code = []
     for s in range(steps):
         set_grads([params, eager_params], s, none_at, views=grad_views)

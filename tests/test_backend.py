@@ -12,7 +12,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import fxmesh
-from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads
+from tests.helpers import dtensor_params, set_grads
+from tests.test_adam import run_parity
 
 FUSED_STEP_SCRIPT = textwrap.dedent(
     """
@@ -78,16 +79,11 @@ def test_backend_options_are_checked():
 @pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
 def test_debug_compilers(meshes, compiler):
     """The aot_eager and eager inner compilers run the rewritten graph with eager's numbers."""
-    params = dtensor_params(meshes)
-    eager_params = clone_params(params)
-    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
-    eager_opt = torch.optim.AdamW(eager_params, lr=1e-2, fused=True)
-    step = torch.compile(opt.step, backend=fxmesh.backend(compiler=compiler))
-    for s in range(3):
-        set_grads([params, eager_params], s)
-        step()
-        eager_opt.step()
-        assert_same_state(opt, eager_opt)
+    run_parity(
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+        dtensor_params(meshes),
+        backend=fxmesh.backend(compiler=compiler),
+    )
     assert counters["fxmesh"]["lowered_nodes"] == 3  # one per mesh
 
 

@@ -10,7 +10,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 import fxmesh
 from fxmesh.backend import FxmeshBackend
 from fxmesh.meshes import example_value, replicate
-from tests.helpers import DEVICE, assert_same_state, clone_params, dtensor_params, set_grads
+from tests.helpers import DEVICE, dtensor_params, set_grads
+from tests.test_adam import run_parity
 
 
 @pytest.fixture
@@ -29,16 +30,9 @@ def compiled_graphs(monkeypatch):
 
 def test_fused_step_runs_on_local_shards(meshes, compiled_graphs):
     """A fused AdamW step over three meshes reaches Inductor with no DTensor left and matches eager."""
-    params = dtensor_params(meshes)
-    eager_params = clone_params(params)
-    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True)
-    eager_opt = torch.optim.AdamW(eager_params, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True)
-    step = torch.compile(opt.step, backend="fxmesh")
-    for s in range(5):
-        set_grads([params, eager_params], s)
-        step()
-        eager_opt.step()
-        assert_same_state(opt, eager_opt)
+    run_parity(
+        lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True), dtensor_params(meshes)
+    )
     assert counters["fxmesh"]["local_shard_graphs"] == 1
     (gm,) = compiled_graphs
     for node in gm.graph.nodes:
@@ -50,16 +44,11 @@ def test_fused_step_runs_on_local_shards(meshes, compiled_graphs):
 
 def test_local_shards_off(meshes):
     """``local_shards=False`` compiles over the DTensors, with the same numbers."""
-    params = dtensor_params(meshes)
-    eager_params = clone_params(params)
-    opt = torch.optim.Adam(params, lr=1e-2, fused=True)
-    eager_opt = torch.optim.Adam(eager_params, lr=1e-2, fused=True)
-    step = torch.compile(opt.step, backend=fxmesh.backend(local_shards=False))
-    for s in range(3):
-        set_grads([params, eager_params], s)
-        step()
-        eager_opt.step()
-        assert_same_state(opt, eager_opt)
+    run_parity(
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+        dtensor_params(meshes),
+        backend=fxmesh.backend(local_shards=False),
+    )
     assert counters["fxmesh"]["graphs"] == 1
     assert counters["fxmesh"]["local_shard_graphs"] == 0
 
@@ -130,17 +119,13 @@ def test_mutation_through_an_alias_bumps_the_dtensor(dp):
 def test_local_tensor_is_read_on_every_call(meshes):
     """A parameter whose local tensor is swapped for another between steps is updated where it now lives."""
     params = dtensor_params(meshes)
-    eager_params = clone_params(params)
-    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), fused=True)
-    eager_opt = torch.optim.AdamW(eager_params, lr=torch.tensor(1e-2), fused=True)
-    step = torch.compile(opt.step, backend="fxmesh")
-    for s in range(3):
-        set_grads([params, eager_params], s)
+    swapped = []
+
+    def swap(s, compiled_opt, eager_opt):
         if s == 1:
-            swapped = params[0]._local_tensor.clone()
-            params[0]._local_tensor = swapped
-        step()
-        eager_opt.step()
-        assert_same_state(opt, eager_opt)
-    assert params[0]._local_tensor is swapped
+            swapped.append(params[0]._local_tensor.clone())
+            params[0]._local_tensor = swapped[0]
+
+    run_parity(lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), fused=True), params, before_step=swap)
+    assert params[0]._local_tensor is swapped[0]
     assert counters["fxmesh"]["graphs"] == counters["fxmesh"]["local_shard_graphs"] == 1
