@@ -91,21 +91,6 @@ _REDUCING_FOREACH = frozenset({"_foreach_norm", "_foreach_max"})
 
 
 @dataclasses.dataclass(frozen=True)
-class LocalGraph:
-    """A graph rewritten to compute on local shards, and how to call it with the frame's inputs."""
-
-    gm: torch.fx.GraphModule
-    example_inputs: list[Any]
-    lifted: tuple[DTensor, ...]
-    dtensor_inputs: tuple[int, ...]
-    mutated_lifted: tuple[DTensor, ...]
-    mutated_inputs: tuple[int, ...]
-
-    def wrap(self, compiled: Callable[..., Any]) -> LocalShards:
-        """The frame's callable around ``compiled``, the compiled form of :attr:`gm`."""
-        return LocalShards(compiled, self.lifted, self.dtensor_inputs, self.mutated_lifted, self.mutated_inputs)
-
-
 class LocalShards:
     """Calls a graph compiled over local shards with the local tensors of its DTensor inputs.
 
@@ -115,19 +100,11 @@ class LocalShards:
     does for mutated inputs, so autograd still notices the in-place update.
     """
 
-    def __init__(
-        self,
-        compiled: Callable[..., Any],
-        lifted: Sequence[DTensor],
-        dtensor_inputs: Sequence[int],
-        mutated_lifted: Sequence[DTensor],
-        mutated_inputs: Sequence[int],
-    ) -> None:
-        self.compiled = compiled
-        self.lifted = tuple(lifted)
-        self.dtensor_inputs = tuple(dtensor_inputs)
-        self.mutated_lifted = tuple(mutated_lifted)
-        self.mutated_inputs = tuple(mutated_inputs)
+    lifted: tuple[DTensor, ...]
+    dtensor_inputs: tuple[int, ...]
+    mutated_lifted: tuple[DTensor, ...]
+    mutated_inputs: tuple[int, ...]
+    compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
         local_args = [t._local_tensor for t in self.lifted]
@@ -138,6 +115,19 @@ class LocalShards:
         out = self.compiled(*local_args)
         torch.autograd.graph.increment_version([*self.mutated_lifted, *(args[i] for i in self.mutated_inputs)])
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalGraph:
+    """A graph rewritten to compute on local shards, and how to call it with the frame's inputs."""
+
+    gm: torch.fx.GraphModule
+    example_inputs: list[Any]
+    shards: LocalShards
+
+    def wrap(self, compiled: Callable[..., Any]) -> LocalShards:
+        """The frame's callable around ``compiled``, the compiled form of :attr:`gm`."""
+        return dataclasses.replace(self.shards, compiled=compiled)
 
 
 def _is_elementwise(node: torch.fx.Node) -> bool:
@@ -345,8 +335,10 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
     return LocalGraph(
         gm=local_gm,
         example_inputs=[*(example_value(p) for p in lifted.values()), *map(_as_local, example_inputs)],
-        lifted=tuple(dtensor_attrs[t] for t in lifted),
-        dtensor_inputs=tuple(dtensor_inputs),
-        mutated_lifted=tuple(dtensor_attrs[t] for t in lifted if t in mutated_targets),
-        mutated_inputs=tuple(i for i in mutated_inputs if i in dtensor_inputs),
+        shards=LocalShards(
+            lifted=tuple(dtensor_attrs[t] for t in lifted),
+            dtensor_inputs=tuple(dtensor_inputs),
+            mutated_lifted=tuple(dtensor_attrs[t] for t in lifted if t in mutated_targets),
+            mutated_inputs=tuple(i for i in mutated_inputs if i in dtensor_inputs),
+        ),
     )

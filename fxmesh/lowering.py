@@ -158,7 +158,7 @@ def _float64_source(value: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _symbolic_lr_as_tensor(
-    graph: torch.fx.Graph, node: torch.fx.Node, lr: torch.fx.Node, fake_mode: Any
+    graph: torch.fx.Graph, node: torch.fx.Node, source: torch.fx.Node, lr: torch.fx.Node, fake_mode: Any
 ) -> torch.fx.Node:
     """A float64 tensor holding a float lr that Dynamo made symbolic.
 
@@ -167,10 +167,10 @@ def _symbolic_lr_as_tensor(
     with ``.item()``.  AOT's ``tensorify_python_scalars`` must turn every such
     symbolic float back into tensor math, or it specializes it (and every new
     lr recompiles); it does that for ``tensor + float``.  So the lowering gets
-    ``zeros_like(t) + lr``: exactly the float in float64, used as a tensor lr.
+    ``zeros_like(source) + lr``: exactly the float in float64, used as a tensor lr.
     """
     with graph.inserting_before(node):
-        zeros = graph.call_function(torch.zeros_like, (_float64_source(lr),))
+        zeros = graph.call_function(torch.zeros_like, (source,))
         tensor = graph.call_function(operator.add, (zeros, lr))
     propagate_example_value(zeros, fake_mode)
     propagate_example_value(tensor, fake_mode)
@@ -198,16 +198,19 @@ def lower_fused_calls(
             for i, entry in enumerate(args[name]):
                 check_entry(op.name, i, name, entry, scalar_lists)
         fake_mode = fake_mode or graph_fake_mode(gm)
+        lr_source = None
         for name, value in args.items():
             if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
-                if name != "lr" or _float64_source(value) is None:
+                source = _float64_source(value) if name == "lr" else None
+                if source is None:
                     raise EagerFallback(
                         f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
                         "between compiles); fxmesh lowers constant hyperparameters, a tensor lr, and a float "
                         "lr that Dynamo reads from a tensor"
                     )
-        if isinstance(args.get("lr"), torch.fx.Node) and _float64_source(args["lr"]) is not None:
-            args["lr"] = _symbolic_lr_as_tensor(graph, node, args["lr"], fake_mode)
+                lr_source = source
+        if lr_source is not None:
+            args["lr"] = _symbolic_lr_as_tensor(graph, node, lr_source, args["lr"], fake_mode)
         before = node.prev
         with graph.inserting_before(node):
             emit(op, args, proxy)
