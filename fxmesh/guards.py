@@ -21,7 +21,11 @@ them cheaper without changing what they accept:
 - the spec guard keeps a shallow copy of the spec, so its mesh is the mesh
   object itself and ``DeviceMesh.__eq__`` returns on identity.  A mesh's
   compared fields never change after construction; placements and dtype are
-  still compared by value.
+  still compared by value;
+- a spec object the guard accepted on two calls in a row is accepted on
+  identity afterwards, while it keeps the hash it had then: ``DTensorSpec``
+  clears its cached hash whenever a compared field is assigned (see
+  :class:`_SpecMatch`).
 
 :func:`skip_guard_on_dtensor_specs_unsafe` goes further and drops the spec
 guards; that one is opt-in because it is not equivalent.
@@ -118,10 +122,41 @@ def _original_spec_match() -> Any:
 def _spec_match_sharing_the_mesh(builder: Any, guard: Any) -> None:
     from torch._dynamo.guards import get_verbose_code_parts
 
-    expected = copy.copy(builder.get(guard))
-
-    def guard_fn(x: Any) -> bool:
-        return x._check_equals(expected, skip_shapes=True)
-
+    guard_fn = _SpecMatch(copy.copy(builder.get(guard)))
     code = f"__dtensor_spec_{id(guard_fn)}"
     builder.get_guard_manager(guard).add_lambda_guard(guard_fn, get_verbose_code_parts(code, guard), guard.user_stack)
+
+
+class _SpecMatch:
+    """``spec._check_equals(expected, skip_shapes=True)``, skipped for a spec object it already accepted.
+
+    Gradients keep their spec object from step to step where it comes from a
+    cache: DTensor's sharding propagation (autograd through DTensor ops) or
+    FSDP2's per-parameter spec.  Such a spec seen on two calls in a row is
+    pinned, with its hash (``DTensorSpec`` clears its cached ``_hash`` whenever
+    a compared field is assigned, and a recomputed hash is a new int object),
+    and later calls accept it on identity while that same hash object is still
+    cached.  A spec that differs on every call (``DTensor.from_local`` per
+    step) is compared every time, with no hashing.  The pinned spec is held,
+    so its id cannot be reused by another object.
+    """
+
+    __slots__ = ("expected", "last")
+
+    def __init__(self, expected: Any) -> None:
+        self.expected = expected
+        self.last: tuple[Any, int | None] = (None, None)  # (spec, its _hash object), replaced as a whole
+
+    def __call__(self, spec: Any) -> bool:
+        last_spec, last_hash = self.last
+        if spec is last_spec and last_hash is not None and spec._hash is last_hash:
+            return True
+        if not spec._check_equals(self.expected, skip_shapes=True):
+            return False
+        pinned = None
+        if spec is last_spec:
+            hash(spec)
+            # Python caches small ints, so their identity would not show a recomputed hash.
+            pinned = spec._hash if not -5 <= spec._hash <= 256 else None
+        self.last = (spec, pinned)
+        return True

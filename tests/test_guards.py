@@ -15,20 +15,20 @@ from tests.helpers import assert_same_state, clone_params, dtensor_params, set_g
 
 @pytest.mark.parametrize("skip", [False, True], ids=["default-guards", "skip-spec-guards"])
 def test_skip_guard_on_dtensor_specs(meshes, skip):
-    """With the filter no DTensor spec is checked on later calls; the step still matches eager and compiles once."""
+    """With the filter no DTensor spec guard runs on later calls; the step still matches eager and compiles once."""
     checks = []
-    check_equals = DTensorSpec._check_equals
+    spec_match = fxmesh.guards._SpecMatch.__call__
 
-    def counting(self, other, skip_shapes=False):
-        checks.append(skip_shapes)  # the guard compares with skip_shapes=True (torch 2.11-2.13)
-        return check_equals(self, other, skip_shapes)
+    def counting(self, spec):
+        checks.append(True)
+        return spec_match(self, spec)
 
     params = dtensor_params(meshes)
     eager_params = clone_params(params)
     opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), fused=True)
     eager_opt = torch.optim.AdamW(eager_params, lr=torch.tensor(1e-2), fused=True)
     options = {"guard_filter_fn": fxmesh.skip_guard_on_dtensor_specs_unsafe} if skip else {}
-    with mock.patch.object(DTensorSpec, "_check_equals", counting):
+    with mock.patch.object(fxmesh.guards._SpecMatch, "__call__", counting):
         step = torch.compile(opt.step, backend="fxmesh", options=options)
         for s in range(3):
             set_grads([params, eager_params], s)
@@ -36,7 +36,7 @@ def test_skip_guard_on_dtensor_specs(meshes, skip):
             step()
             eager_opt.step()
             assert_same_state(opt, eager_opt)
-    assert (checks.count(True) == 0) == skip, f"{checks.count(True)} DTensor spec guard checks on the last call"
+    assert (not checks) == skip, f"{len(checks)} DTensor spec guard calls on the last call"
     assert torch._dynamo.utils.counters["fxmesh"]["graphs"] == 1
 
 
@@ -122,3 +122,44 @@ def test_streamlined_guards_skip_the_redundant_mesh_checks(meshes, streamline):
         assert calls == {"mesh_guard_fn": 0, "mesh_field_compare": 0}
     else:  # what the streamlining removes: each gradient's mesh compared field by field, at least once
         assert calls["mesh_field_compare"] + calls["mesh_guard_fn"] >= 2 * len(params)
+
+
+@pytest.mark.parametrize("streamline", [False, True], ids=["dynamo-guards", "streamlined"])
+def test_spec_guard_compares_a_spec_again_once_it_is_assigned(meshes, streamline):
+    """A spec object seen on two calls is then accepted on identity (streamlined guards), until a
+    compared field is assigned: then it is compared again, and a changed one recompiles, as with
+    Dynamo's own guard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from tests.helpers import DEVICE
+
+    renamed = init_device_mesh(DEVICE, (8,), mesh_dim_names=("renamed",))
+    x = DTensor.from_local(torch.randn(4, 4, device=DEVICE), meshes["dp"], [Shard(0)], run_check=False)
+    fn = torch.compile(lambda x: x * 2, backend=fxmesh.backend(compiler="eager", streamline_guards=streamline))
+    counters = torch._dynamo.utils.counters["fxmesh"]
+    guard_checks = []
+    check_equals = DTensorSpec._check_equals
+
+    def counting(self, other, skip_shapes=False):
+        guard_checks.append(skip_shapes)  # DTensor's own ops compare specs with skip_shapes=False
+        return check_equals(self, other, skip_shapes)
+
+    def call():
+        """(recompiled, spec guard checks) of one call."""
+        before = counters["graphs"]
+        guard_checks.clear()
+        with mock.patch.object(DTensorSpec, "_check_equals", counting):
+            torch.testing.assert_close(fn(x).to_local(), x.to_local() * 2)
+        return counters["graphs"] > before, guard_checks.count(True)
+
+    assert call()[0]  # compiling runs the new guards too: the spec is seen twice
+    identical = 0 if streamline else 1
+    seen = [call(), call()]
+    x._spec.placements = tuple(x._spec.placements)  # assigned, but equal
+    assigned = [call(), call()]
+    x._spec.mesh = renamed  # changed in place
+    changed = call()
+    assert seen == [(False, identical)] * 2
+    assert assigned == [(False, 1), (False, identical)]
+    assert changed[0], "a spec changed in place was accepted"
