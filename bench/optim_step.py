@@ -24,8 +24,10 @@ Variants:
 Columns: median ms per step and its spread (interquartile range), percent of the
 memory-bandwidth floor (the bytes one step must move, e.g. 28 B/param for fp32 AdamW, over a
 device-to-device copy bandwidth measured in the same run), speedup over eager_fused, compile
-seconds (cold Inductor cache), recompiles after the first compiled call, peak memory increase
-over the parameters, grads and states (CUDA), and kernels launched per step (CUDA, profiler).
+seconds (no compiled-graph cache: each variant compiles its graphs afresh, though C++/Triton
+kernels an earlier variant built are reused), recompiles after the first compiled call, peak
+memory increase over the parameters, grads and states (CUDA), and kernels launched per step
+(CUDA, profiler).
 
 Examples:
   python bench/optim_step.py --workload moe-shard --scale 0.01      # CPU, 2.6M params
@@ -222,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import fxmesh
+
+    # Every variant compiles its graphs from scratch: fxmesh_skip_spec_guards has fxmesh's graph,
+    # which a per-process graph cache would hand it in seconds.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
     dev = args.device
