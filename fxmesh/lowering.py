@@ -30,12 +30,17 @@ __all__ = [
     "Emit",
     "check_entry",
     "grad_prologue",
+    "Hyper",
     "local",
     "lower_fused_calls",
     "materialized",
+    "one_minus",
     "round_to",
+    "rounded",
+    "scalar",
     "stack_scalars",
     "upcast",
+    "with_weight_decay",
     "write_back",
 ]
 
@@ -58,9 +63,30 @@ Emit = Callable[[FusedOp, dict[str, Any], Callable[[Any], Any]], None]
 TABLE_ROWS = 16
 
 
+# A hyperparameter as the emitters get it: a constant float, or a 0-dim tensor
+# (a tensor lr, or a float that Dynamo made symbolic, as a float64 tensor).
+Hyper = float | Proxy
+
+
 def round_to(x: float, dtype: torch.dtype) -> float:
     """``x`` as a C++ kernel holding it in ``dtype`` sees it (round to nearest)."""
     return torch.tensor(x, dtype=torch.float64).to(dtype).item()
+
+
+def rounded(x: Hyper, dtype: torch.dtype) -> Hyper:
+    """:func:`round_to` for a float; a tensor cast to ``dtype``."""
+    return x.to(dtype) if isinstance(x, Proxy) else round_to(x, dtype)
+
+
+def scalar(x: Hyper, dtype: torch.dtype) -> Hyper:
+    """``x`` as an operand of ``dtype`` math: a float as it is (Inductor rounds a constant to the
+    op's type), a tensor cast to ``dtype`` (the same value)."""
+    return x.to(dtype) if isinstance(x, Proxy) else x
+
+
+def one_minus(x: Hyper, dtype: torch.dtype) -> Hyper:
+    """``1 - x`` computed in ``x``'s own type (float64 for a float or a symbolic float), then rounded to ``dtype``."""
+    return (1 - x).to(dtype) if isinstance(x, Proxy) else round_to(1 - x, dtype)
 
 
 def local(t: Proxy) -> Proxy:
@@ -106,11 +132,12 @@ def grad_prologue(
     opmath: torch.dtype,
     grad_scale: Proxy | None,
     maximize: bool,
-    weight_decay: float,
+    weight_decay: Hyper,
 ) -> tuple[Proxy, Proxy, list[tuple[Proxy, Proxy]]]:
     """The fused kernels' common start: param and grad in ``opmath``, the grad unscaled by
     ``grad_scale`` (and written back: returned as an output), negated for ``maximize``, plus
-    ``param * weight_decay`` (L2).  Returns (param, grad, outputs)."""
+    ``param * weight_decay`` (L2; a tensor ``weight_decay`` must be in ``opmath``, and where it is
+    0 the grad stays as it is, as the kernels skip the term).  Returns (param, grad, outputs)."""
     p = upcast(param, opmath)
     g = upcast(grad, opmath)
     outputs = []
@@ -119,9 +146,18 @@ def grad_prologue(
         outputs.append((grad, g))
     if maximize:
         g = -g
-    if weight_decay != 0:
-        g = g + p * weight_decay
+    g = with_weight_decay(g, lambda: g + p * weight_decay, weight_decay)
     return p, g, outputs
+
+
+def with_weight_decay(x: Proxy, decayed: Callable[[], Proxy], weight_decay: Hyper) -> Proxy:
+    """``decayed()`` where ``weight_decay`` is not 0, else ``x``: the kernels skip the decay term for 0.
+
+    A constant decides here; a tensor (a decay a scheduler changes) per call, in the graph.
+    """
+    if isinstance(weight_decay, Proxy):
+        return torch.where(weight_decay != 0, decayed(), x)
+    return decayed() if weight_decay != 0 else x
 
 
 def write_back(outputs: list[tuple[Proxy, Proxy]], found_inf: Proxy | None) -> None:
@@ -157,30 +193,41 @@ def _float64_source(value: torch.fx.Node) -> torch.fx.Node | None:
     return source if isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == torch.float64 else None
 
 
-def _symbolic_lr_as_tensor(
-    graph: torch.fx.Graph, node: torch.fx.Node, source: torch.fx.Node, lr: torch.fx.Node, fake_mode: Any
+def _symbolic_float_as_tensor(
+    graph: torch.fx.Graph, node: torch.fx.Node, source: torch.fx.Node, value: torch.fx.Node, fake_mode: Any
 ) -> torch.fx.Node:
-    """A float64 tensor holding a float lr that Dynamo made symbolic.
+    """A float64 tensor holding a float hyperparameter that Dynamo made symbolic.
 
-    When an LR scheduler changes a float lr every step, Dynamo recompiles once
-    and then passes the float as a 0-dim float64 tensor that the graph reads
-    with ``.item()``.  AOT's ``tensorify_python_scalars`` must turn every such
-    symbolic float back into tensor math, or it specializes it (and every new
-    lr recompiles); it does that for ``tensor + float``.  So the lowering gets
-    ``zeros_like(source) + lr``: exactly the float in float64, used as a tensor lr.
+    When a scheduler changes a float lr (or OneCycleLR a beta) every step,
+    Dynamo recompiles once and then passes the float as a 0-dim float64 tensor
+    that the graph reads with ``.item()``.  AOT's ``tensorify_python_scalars``
+    must turn every such symbolic float back into tensor math, or it
+    specializes it (and every new value recompiles); it does that for
+    ``tensor + float``.  So the lowering gets ``zeros_like(source) + value``:
+    exactly the float, in float64.
     """
     with graph.inserting_before(node):
         zeros = graph.call_function(torch.zeros_like, (source,))
-        tensor = graph.call_function(operator.add, (zeros, lr))
+        tensor = graph.call_function(operator.add, (zeros, value))
     propagate_example_value(zeros, fake_mode)
     propagate_example_value(tensor, fake_mode)
     return tensor
 
 
 def lower_fused_calls(
-    gm: torch.fx.GraphModule, op_names: tuple[str, ...], emit: Emit, scalar_lists: tuple[str, ...] = ()
+    gm: torch.fx.GraphModule,
+    op_names: tuple[str, ...],
+    emit: Emit,
+    scalar_lists: tuple[str, ...] = (),
+    tensor_hyperparameters: tuple[str, ...] = ("lr",),
 ) -> PassResult:
-    """Replace every fused call whose op is in ``op_names`` by what ``emit`` traces, in its place."""
+    """Replace every fused call whose op is in ``op_names`` by what ``emit`` traces, in its place.
+
+    A hyperparameter in ``tensor_hyperparameters`` that Dynamo made a symbolic
+    float reaches ``emit`` as a 0-dim float64 tensor (see
+    :func:`_symbolic_float_as_tensor`); any other symbolic one makes the graph
+    run eagerly.
+    """
     graph = gm.graph
     tracer = GraphAppendingTracer(graph)
     fake_mode = None
@@ -198,19 +245,19 @@ def lower_fused_calls(
             for i, entry in enumerate(args[name]):
                 check_entry(op.name, i, name, entry, scalar_lists)
         fake_mode = fake_mode or graph_fake_mode(gm)
-        lr_source = None
+        symbolic = {}
         for name, value in args.items():
             if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
-                source = _float64_source(value) if name == "lr" else None
+                source = _float64_source(value) if name in tensor_hyperparameters else None
                 if source is None:
                     raise EagerFallback(
                         f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
                         "between compiles); fxmesh lowers constant hyperparameters, a tensor lr, and a float "
-                        "lr that Dynamo reads from a tensor"
+                        f"{', '.join(tensor_hyperparameters)} that Dynamo reads from a tensor"
                     )
-                lr_source = source
-        if lr_source is not None:
-            args["lr"] = _symbolic_lr_as_tensor(graph, node, lr_source, args["lr"], fake_mode)
+                symbolic[name] = source
+        for name, source in symbolic.items():
+            args[name] = _symbolic_float_as_tensor(graph, node, source, args[name], fake_mode)
         before = node.prev
         with graph.inserting_before(node):
             emit(op, args, proxy)

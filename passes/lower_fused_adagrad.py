@@ -14,6 +14,9 @@ it, weight decay adds ``param * weight_decay``, ``state_sum += grad * grad`` and
 hyperparameters are rounded to the parameter's dtype, as the kernel's
 vectorized loop holds them (``scalar_t(clr)``, ``scalar_t(eps)``...).
 ``found_inf == 1`` leaves every tensor unchanged.
+A float hyperparameter that Dynamo made symbolic (a scheduler changes it every
+step) arrives as a 0-dim float64 tensor and enters the same math; a weight
+decay that is 0 on some step skips its term on that call.
 
 Pre: run after ``split_by_mesh``.  Post: no fused Adagrad node is left.
 """
@@ -32,11 +35,12 @@ from fxmesh.fused_ops import FusedOp
 from fxmesh.lowering import (
     OPMATH,
     TABLE_ROWS,
+    Hyper,
     grad_prologue,
     local,
     lower_fused_calls,
     materialized,
-    round_to,
+    rounded,
     stack_scalars,
     upcast,
     write_back,
@@ -45,6 +49,9 @@ from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_adagrad"]
 
+# Each may be a float that changes every step, which Dynamo then passes as a float64 tensor.
+_HYPERPARAMETERS = ("lr", "lr_decay", "weight_decay", "eps")
+
 
 def _adagrad_update(
     param: Proxy,
@@ -52,20 +59,28 @@ def _adagrad_update(
     state_sum: Proxy,
     clr: Proxy,
     *,
-    weight_decay: float,
-    eps: float,
+    weight_decay: Hyper,
+    eps: Hyper,
     maximize: bool,
     grad_scale: Proxy | None,
     found_inf: Proxy | None,
     opmath: torch.dtype,
     held: torch.dtype,
 ) -> None:
-    """One parameter's fused Adagrad update; ``clr`` is its float64 entry of the table."""
+    """One parameter's fused Adagrad update; ``clr`` is its float64 entry of the table.
+
+    The kernel holds weight decay and eps in the parameter's type (``held``).
+    """
+
+    def as_held(x: Hyper) -> Hyper:
+        x = rounded(x, held)
+        return x.to(opmath) if isinstance(x, Proxy) else x
+
     p, g, outputs = grad_prologue(
-        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=round_to(weight_decay, held)
+        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=as_held(weight_decay)
     )
     s = upcast(state_sum, opmath) + g * g
-    p = p - clr.to(held).to(opmath) * g / (s.sqrt() + round_to(eps, held))
+    p = p - clr.to(held).to(opmath) * g / (s.sqrt() + as_held(eps))
     write_back([(param, p), (state_sum, s), *outputs], found_inf)
 
 
@@ -77,7 +92,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
         if i % TABLE_ROWS == 0:
             rows = steps[i : i + TABLE_ROWS]
             steps64 = stack_scalars([local(proxy(s)).to(torch.float64) for s in rows], example_value(rows[0]).device)
-            clr = lr64 / (1.0 + (steps64 - 1.0) * args["lr_decay"])
+            clr = lr64 / (1.0 + (steps64 - 1.0) * proxy(args["lr_decay"]))
             if len(rows) > 1:  # Inductor leaves a 1-element value alone
                 clr = materialized(clr, [1])
         dtype = example_value(params[i]).dtype
@@ -86,8 +101,8 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
             proxy(grads[i]),
             proxy(state_sums[i]),
             clr[i % TABLE_ROWS],
-            weight_decay=args["weight_decay"],
-            eps=args["eps"],
+            weight_decay=proxy(args["weight_decay"]),
+            eps=proxy(args["eps"]),
             maximize=args["maximize"],
             grad_scale=proxy(args.get("grad_scale")),
             found_inf=proxy(args.get("found_inf")),
@@ -98,4 +113,6 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
 
 def lower_fused_adagrad(gm: torch.fx.GraphModule) -> PassResult:
     """Replace every fused Adagrad call with per-parameter pointwise math."""
-    return lower_fused_calls(gm, ("adagrad",), _emit, scalar_lists=("state_steps",))
+    return lower_fused_calls(
+        gm, ("adagrad",), _emit, scalar_lists=("state_steps",), tensor_hyperparameters=_HYPERPARAMETERS
+    )

@@ -14,6 +14,9 @@ grad``.  Everywhere the elementwise part runs in the parameter's opmath type
 (float32 for bf16/fp16 parameters); ``grad_scale`` unscales and writes back the
 gradient; ``found_inf == 1`` leaves every tensor unchanged.  Results are written
 back with ``copy_``, after all of a parameter's math, so the call stays in place.
+A float hyperparameter that Dynamo made symbolic (a scheduler changes it every
+step) arrives as a 0-dim float64 tensor and enters the same math; a weight
+decay that is 0 on some step skips its term on that call.
 
 The per-parameter scalars of one call are computed together, as a
 ``(rows, 2)`` table on the local step tensors for every
@@ -54,26 +57,35 @@ from fxmesh.fused_ops import FusedOp
 from fxmesh.lowering import (
     OPMATH,
     TABLE_ROWS,
+    Hyper,
     local,
     lower_fused_calls,
     materialized,
+    one_minus,
     round_to,
+    rounded,
+    scalar,
     stack_scalars,
     upcast,
+    with_weight_decay,
     write_back,
 )
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_adam"]
 
+# Each may be a float that a scheduler changes every step (OneCycleLR cycles
+# beta1), which Dynamo then passes as a float64 tensor.
+_HYPERPARAMETERS = ("lr", "beta1", "beta2", "weight_decay", "eps")
 
-def _scalar_table(steps: list[Proxy], lr: float | Proxy, beta1: float, beta2: float, dtype: torch.dtype) -> Proxy:
+
+def _scalar_table(steps: list[Proxy], lr: Hyper, beta1: Hyper, beta2: Hyper, dtype: torch.dtype) -> Proxy:
     """``(len(steps), 2)`` table in ``dtype``: per parameter, step size and sqrt of bias correction 2."""
     device = example_value(steps[0].node).device
     steps_t = stack_scalars([local(step).to(dtype) for step in steps], device)
     lr_t = local(lr).to(dtype) if isinstance(lr, Proxy) else lr
-    bias_correction1 = 1 - torch.pow(beta1, steps_t)
-    bias_correction2_sqrt = (1 - torch.pow(beta2, steps_t)).sqrt()
+    bias_correction1 = 1 - torch.pow(scalar(beta1, dtype), steps_t)
+    bias_correction2_sqrt = (1 - torch.pow(scalar(beta2, dtype), steps_t)).sqrt()
     return materialized(torch.stack([lr_t / bias_correction1, bias_correction2_sqrt], dim=1), [2, 1])
 
 
@@ -86,11 +98,11 @@ def _adam_update(
     scalars: Proxy,
     *,
     opmath: torch.dtype,
-    lr: float | Proxy,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
+    lr: Hyper,
+    beta1: Hyper,
+    beta2: Hyper,
+    weight_decay: Hyper,
+    eps: Hyper,
     maximize: bool,
     decoupled_weight_decay: bool,
     grad_scale: Proxy | None,
@@ -100,7 +112,8 @@ def _adam_update(
     """One parameter's fused Adam(W) update, traced onto the graph.
 
     ``scalars`` is this parameter's row of a :func:`_scalar_table`.  With
-    ``gpu_kernel`` the hyperparameters are already rounded to ``opmath``.
+    ``gpu_kernel`` the hyperparameters are already rounded to ``opmath`` (but
+    a tensor lr); on the CPU a tensor hyperparameter is float64.
     """
 
     def up(t: Proxy) -> Proxy:
@@ -116,25 +129,27 @@ def _adam_update(
         unscaled_grad = g
     if maximize:
         g = -g
-    if weight_decay != 0:
-        if not decoupled_weight_decay:
-            g = g + p * weight_decay
-        elif gpu_kernel:  # param -= lr * weight_decay * param, in opmath
-            lr_decay = lr.to(opmath) * weight_decay if isinstance(lr, Proxy) else round_to(lr * weight_decay, opmath)
-            p = p - lr_decay * p
-        else:  # param *= 1 - lr * weight_decay, the factor in float64
-            decay = 1 - (lr.to(torch.float64) if isinstance(lr, Proxy) else lr) * weight_decay
-            p = p * (decay.to(opmath) if isinstance(decay, Proxy) else decay)
+    if not decoupled_weight_decay:
+        g = with_weight_decay(g, lambda: g + p * scalar(weight_decay, opmath), weight_decay)
+    elif gpu_kernel:  # param -= lr * weight_decay * param, in opmath
+        if isinstance(lr, Proxy) or isinstance(weight_decay, Proxy):
+            lr_decay = scalar(lr, opmath) * scalar(weight_decay, opmath)
+        else:
+            lr_decay = round_to(lr * weight_decay, opmath)
+        p = with_weight_decay(p, lambda: p - lr_decay * p, weight_decay)
+    else:  # param *= 1 - lr * weight_decay, the factor in float64
+        decay = 1 - (lr.to(torch.float64) if isinstance(lr, Proxy) else lr) * weight_decay
+        p = with_weight_decay(p, lambda: p * scalar(decay, opmath), weight_decay)
     if gpu_kernel:
-        m = up(exp_avg) * beta1 + round_to(1 - beta1, opmath) * g
+        m = up(exp_avg) * scalar(beta1, opmath) + one_minus(beta1, opmath) * g
     else:
-        m = torch.lerp(up(exp_avg), g, 1 - beta1)
-    v = up(exp_avg_sq) * beta2 + round_to(1 - beta2, opmath) * g * g
+        m = torch.lerp(up(exp_avg), g, scalar(1 - beta1, opmath))
+    v = up(exp_avg_sq) * scalar(beta2, opmath) + one_minus(beta2, opmath) * g * g
     outputs = [(exp_avg, m), (exp_avg_sq, v)]
     if max_exp_avg_sq is not None:
         v = torch.maximum(up(max_exp_avg_sq), v)
         outputs.append((max_exp_avg_sq, v))
-    denom = v.sqrt() / bias_correction2_sqrt + eps
+    denom = v.sqrt() / bias_correction2_sqrt + scalar(eps, opmath)
     p = p - step_size * m / denom
     outputs.insert(0, (param, p))
     if grad_scale is not None:
@@ -149,11 +164,11 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     gpu_kernel = first.device.type != "cpu"
     # The GPU kernels (CUDA, MPS) hold the hyperparameters and the per-tensor
     # scalars in the opmath type; the CPU kernel computes in float64.
-    hyper = {k: args[k] for k in ("lr", "beta1", "beta2", "weight_decay", "eps")}
+    hyper = {k: proxy(args[k]) for k in _HYPERPARAMETERS}
     if gpu_kernel:
-        hyper = {k: v if isinstance(v, torch.fx.Node) else round_to(v, opmath) for k, v in hyper.items()}
+        hyper = {k: v if k == "lr" and isinstance(v, Proxy) else rounded(v, opmath) for k, v in hyper.items()}
     table_dtype = opmath if gpu_kernel else torch.float64
-    lr = proxy(hyper["lr"])
+    lr = hyper["lr"]
     for i in range(len(params)):
         if i % TABLE_ROWS == 0:
             rows = [proxy(s) for s in steps[i : i + TABLE_ROWS]]
@@ -181,4 +196,6 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
 
 def lower_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
     """Replace every fused Adam/AdamW call with per-parameter pointwise math."""
-    return lower_fused_calls(gm, ("adam", "adamw"), _emit, scalar_lists=("state_steps",))
+    return lower_fused_calls(
+        gm, ("adam", "adamw"), _emit, scalar_lists=("state_steps",), tensor_hyperparameters=_HYPERPARAMETERS
+    )

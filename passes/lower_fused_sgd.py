@@ -12,6 +12,9 @@ gradient on the first step and ``buf * momentum + grad * (1 - dampening)``
 after, and the update uses ``grad + buf * momentum`` (nesterov) or the buffer;
 ``param - grad * lr``.  ``found_inf == 1`` leaves every tensor unchanged.  The
 hyperparameters are rounded to the opmath type, as the kernel holds them.
+A float hyperparameter that Dynamo made symbolic (a scheduler changes it every
+step) arrives as a 0-dim float64 tensor and enters the same math; a weight
+decay that is 0 on some step skips its term on that call.
 
 For bf16/fp16 parameters this follows the CPU kernel's scalar loop, not its
 vectorized loop: in torch 2.11-2.13 that loop never stores the updated
@@ -32,10 +35,14 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, grad_prologue, lower_fused_calls, round_to, upcast, write_back
+from fxmesh.lowering import OPMATH, Hyper, grad_prologue, lower_fused_calls, one_minus, rounded, upcast, write_back
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_sgd"]
+
+# Each may be a float that a scheduler changes every step (OneCycleLR cycles the
+# momentum), which Dynamo then passes as a float64 tensor.
+_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "dampening")
 
 
 def _sgd_update(
@@ -43,10 +50,10 @@ def _sgd_update(
     grad: Proxy,
     momentum_buffer: Proxy | None,
     *,
-    lr: float | Proxy,
-    weight_decay: float,
-    momentum: float,
-    one_minus_dampening: float,
+    lr: Hyper,
+    weight_decay: Hyper,
+    momentum: Hyper,
+    one_minus_dampening: Hyper,
     nesterov: bool,
     maximize: bool,
     is_first_step: bool,
@@ -54,7 +61,7 @@ def _sgd_update(
     found_inf: Proxy | None,
     opmath: torch.dtype,
 ) -> None:
-    """One parameter's fused SGD update, traced onto the graph."""
+    """One parameter's fused SGD update, traced onto the graph (tensor hyperparameters in ``opmath``, but lr)."""
     p, g, outputs = grad_prologue(
         param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=weight_decay
     )
@@ -71,17 +78,20 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     params, grads, buffers = (args[name] for name in op.list_args)
     first = example_value(params[0])
     opmath = OPMATH[first.dtype]
+    lr = proxy(args["lr"])
     hyper = dict(
-        lr=proxy(args["lr"]) if isinstance(args["lr"], torch.fx.Node) else round_to(args["lr"], opmath),
-        weight_decay=round_to(args["weight_decay"], opmath),
-        momentum=round_to(args["momentum"], opmath),
-        one_minus_dampening=round_to(1 - args["dampening"], opmath),
+        lr=lr if isinstance(lr, Proxy) else rounded(lr, opmath),
+        weight_decay=rounded(proxy(args["weight_decay"]), opmath),
+        momentum=rounded(proxy(args["momentum"]), opmath),
+        one_minus_dampening=one_minus(proxy(args["dampening"]), opmath),
     )
+    # A symbolic momentum is not 0: torch.optim branched on it while Dynamo traced.
+    has_momentum = isinstance(args["momentum"], torch.fx.Node) or args["momentum"] != 0
     for i in range(len(params)):
         _sgd_update(
             proxy(params[i]),
             proxy(grads[i]),
-            proxy(buffers[i]) if args["momentum"] != 0 else None,
+            proxy(buffers[i]) if has_momentum else None,
             nesterov=args["nesterov"],
             maximize=args["maximize"],
             is_first_step=args["is_first_step"],
@@ -94,4 +104,4 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
 
 def lower_fused_sgd(gm: torch.fx.GraphModule) -> PassResult:
     """Replace every fused SGD call with per-parameter pointwise math."""
-    return lower_fused_calls(gm, ("sgd",), _emit)
+    return lower_fused_calls(gm, ("sgd",), _emit, tensor_hyperparameters=_HYPERPARAMETERS)

@@ -31,12 +31,12 @@ def local_params(params):
     return [torch.nn.Parameter(local(p).detach().clone()) for p in params]
 
 
-def run_local_parity(make_opt, params, *, steps=STEPS, before_step=None, make_ref=None):
+def run_local_parity(make_opt, params, *, steps=STEPS, before_step=None, make_ref=None, backend="fxmesh"):
     """Steps a compiled optimizer over ``params`` and an eager one (``make_ref``, default ``make_opt``) over
     their local shards."""
     ref_params = local_params(params)
     compiled_opt, eager_opt = make_opt(params), (make_ref or make_opt)(ref_params)
-    step = torch.compile(compiled_opt.step, backend="fxmesh")
+    step = torch.compile(compiled_opt.step, backend=backend)
     with inductor_output_code() as code:
         for s in range(steps):
             set_grads([params, ref_params], s)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import fxmesh
 from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads
 from tests.test_sgd import run_local_parity
 
@@ -95,14 +96,69 @@ def test_float_lr_changed_every_step_is_compiled(meshes, caplog, make_opt):
     assert counters["fxmesh"]["lowered_nodes"] == 3 * counters["fxmesh"]["graphs"]  # one call per mesh
 
 
-def test_symbolic_hyperparameter_runs_eagerly(meshes, caplog):
-    """A float weight decay that changes every call turns symbolic: fxmesh says so and runs that graph eagerly."""
+def _schedule(**values):
+    """A ``before_step`` that sets each hyperparameter to its value for the step (``betas`` as a pair)."""
+
+    def before_step(s, *opts):
+        for opt in opts:
+            for key, per_step in values.items():
+                opt.param_groups[0][key] = per_step[s % len(per_step)]
+
+    return before_step
+
+
+# A weight decay of 0 on some steps: the kernels skip the decay term then, and so must the graph.
+SCHEDULES = {
+    "adamw-onecycle-betas": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+        _schedule(lr=[1e-2, 2e-2, 3e-2, 2e-2, 1e-2], betas=[(0.95, 0.999), (0.9, 0.999), (0.85, 0.999)]),
+    ),
+    "adamw-weight-decay-eps": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+        _schedule(weight_decay=[0.1, 0.05, 0.0, 0.02], eps=[1e-8, 1e-6, 1e-3]),
+    ),
+    "adam-l2-beta2": (
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, fused=True),
+        _schedule(weight_decay=[0.1, 0.0, 0.05], betas=[(0.9, 0.999), (0.9, 0.99), (0.9, 0.95)]),
+    ),
+    "sgd-onecycle-momentum": (
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1, fused=True),
+        _schedule(momentum=[0.95, 0.9, 0.85], dampening=[0.1, 0.2], weight_decay=[0.1, 0.0, 0.05]),
+    ),
+    "adagrad": (
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2, lr_decay=0.01, weight_decay=0.1, fused=True),
+        _schedule(lr_decay=[0.01, 0.02, 0.03], weight_decay=[0.1, 0.0, 0.05], eps=[1e-10, 1e-6]),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name, local_shards",
+    [(name, True) for name in SCHEDULES] + [("adamw-onecycle-betas", False), ("sgd-onecycle-momentum", False)],
+    ids=lambda v: v if isinstance(v, str) else ("local" if v else "dtensor-graph"),
+)
+def test_hyperparameters_changed_every_step_are_compiled(meshes, caplog, name, local_shards):
+    """Float hyperparameters a scheduler changes every step (OneCycleLR cycles beta1 or the momentum) turn
+    symbolic in Dynamo and reach the lowering as float64 tensors: compiled, no recompile once symbolic,
+    equal to eager on the local shards over 6 steps; also where the graph stays on the DTensors."""
+    make_opt, schedule = SCHEDULES[name]
+    graphs_at = {}
+
+    def before_step(s, *opts):
+        graphs_at[s] = counters["fxmesh"]["graphs"]
+        schedule(s, *opts)
+
     with caplog.at_level(logging.WARNING, logger="fxmesh.backend"):
-        _run(
-            meshes,
-            lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
-            before_step=_every_step("weight_decay", lambda s: 0.1 / (s + 1)),
+        run_local_parity(
+            make_opt,
+            dtensor_params(meshes),
+            steps=6,
+            before_step=before_step,
+            backend=fxmesh.backend(local_shards=local_shards),
         )
-    if not counters["fxmesh"]["eager_fallbacks"]:
-        pytest.fail(f"expected weight_decay to turn symbolic and fxmesh to fall back; {dict(counters['fxmesh'])}")
-    assert "weight_decay is a symbolic number" in caplog.text
+    assert counters["fxmesh"]["eager_fallbacks"] == 0, caplog.text
+    assert counters["fxmesh"]["graphs"] == graphs_at[4], dict(counters["fxmesh"])
+    assert counters["fxmesh"]["lowered_nodes"] == 3 * counters["fxmesh"]["graphs"]  # one call per mesh
+    # SGD's first momentum step returns new buffers, so its graph stays on the DTensors.
+    on_local_shards = counters["fxmesh"]["graphs"] - (name.startswith("sgd") and local_shards)
+    assert counters["fxmesh"]["local_shard_graphs"] == (on_local_shards if local_shards else 0)
