@@ -31,6 +31,7 @@ __all__ = [
     "check_entry",
     "grad_prologue",
     "Hyper",
+    "divided",
     "local",
     "lower_fused_calls",
     "materialized",
@@ -82,6 +83,17 @@ def scalar(x: Hyper, dtype: torch.dtype) -> Hyper:
     """``x`` as an operand of ``dtype`` math: a float as it is (Inductor rounds a constant to the
     op's type), a tensor cast to ``dtype`` (the same value)."""
     return x.to(dtype) if isinstance(x, Proxy) else x
+
+
+def divided(numerator: Hyper, denominator: Proxy) -> Proxy:
+    """``numerator / denominator`` as one division, as the kernels compute it.
+
+    ``float / tensor`` is ``denominator.reciprocal() * float`` in PyTorch: two
+    roundings, and one ulp off the kernels' quotient now and then.
+    """
+    if not isinstance(numerator, Proxy):
+        numerator = torch.full_like(denominator, numerator)
+    return numerator / denominator
 
 
 def one_minus(x: Hyper, dtype: torch.dtype) -> Hyper:

@@ -36,6 +36,7 @@ from fxmesh.lowering import (
     OPMATH,
     TABLE_ROWS,
     Hyper,
+    divided,
     grad_prologue,
     local,
     lower_fused_calls,
@@ -92,7 +93,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
         if i % TABLE_ROWS == 0:
             rows = steps[i : i + TABLE_ROWS]
             steps64 = stack_scalars([local(proxy(s)).to(torch.float64) for s in rows], example_value(rows[0]).device)
-            clr = lr64 / (1.0 + (steps64 - 1.0) * proxy(args["lr_decay"]))
+            clr = divided(lr64, 1.0 + (steps64 - 1.0) * proxy(args["lr_decay"]))
             if len(rows) > 1:  # Inductor leaves a 1-element value alone
                 clr = materialized(clr, [1])
         dtype = example_value(params[i]).dtype

@@ -58,6 +58,7 @@ from fxmesh.lowering import (
     OPMATH,
     TABLE_ROWS,
     Hyper,
+    divided,
     local,
     lower_fused_calls,
     materialized,
@@ -86,7 +87,7 @@ def _scalar_table(steps: list[Proxy], lr: Hyper, beta1: Hyper, beta2: Hyper, dty
     lr_t = local(lr).to(dtype) if isinstance(lr, Proxy) else lr
     bias_correction1 = 1 - torch.pow(scalar(beta1, dtype), steps_t)
     bias_correction2_sqrt = (1 - torch.pow(scalar(beta2, dtype), steps_t)).sqrt()
-    return materialized(torch.stack([lr_t / bias_correction1, bias_correction2_sqrt], dim=1), [2, 1])
+    return materialized(torch.stack([divided(lr_t, bias_correction1), bias_correction2_sqrt], dim=1), [2, 1])
 
 
 def _adam_update(
@@ -157,11 +158,16 @@ def _adam_update(
     write_back(outputs, found_inf)
 
 
+def _gpu_kernel(device: torch.device) -> bool:
+    """Whether to follow the GPU kernels' arithmetic (CUDA, MPS) rather than the CPU kernel's."""
+    return device.type != "cpu"
+
+
 def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> None:
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (args[name] for name in op.list_args)
     first = example_value(params[0])
     opmath = OPMATH[first.dtype]
-    gpu_kernel = first.device.type != "cpu"
+    gpu_kernel = _gpu_kernel(first.device)
     # The GPU kernels (CUDA, MPS) hold the hyperparameters and the per-tensor
     # scalars in the opmath type; the CPU kernel computes in float64.
     hyper = {k: proxy(args[k]) for k in _HYPERPARAMETERS}

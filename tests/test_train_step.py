@@ -6,6 +6,7 @@ shares a graph with what the function does around it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import pytest
@@ -166,3 +167,36 @@ def test_hyperparameters_changed_every_step_are_compiled(meshes, caplog, name, l
     # SGD's first momentum step returns new buffers, so its graph stays on the DTensors.
     on_local_shards = counters["fxmesh"]["graphs"] - (name.startswith("sgd") and local_shards)
     assert counters["fxmesh"]["local_shard_graphs"] == (on_local_shards if local_shards else 0)
+
+
+@pytest.mark.parametrize("gpu_math", [False, True], ids=["cpu-kernel-math", "gpu-kernel-math"])
+def test_symbolic_hyperparameters_compute_what_constants_do(meshes, monkeypatch, gpu_math):
+    """The float64-tensor form of scheduled AdamW hyperparameters gives bit for bit the states the constant
+    form gives, in the CPU kernel's arithmetic and in the GPU kernels' (which this runs on the CPU)."""
+    adam_pass = importlib.import_module("fxmesh.passes.lower_fused_adam")  # the package exports the function
+    monkeypatch.setattr(adam_pass, "_gpu_kernel", lambda device: gpu_math)
+    schedule = _schedule(
+        lr=[1e-2, 2e-2, 3e-2],
+        betas=[(0.95, 0.999), (0.9, 0.99), (0.85, 0.999)],
+        weight_decay=[0.1, 0.0, 0.05],
+        eps=[1e-8, 1e-6],
+    )
+    states = {}
+    for specialize in (True, False):  # True: every value a constant of its own graph
+        torch._dynamo.reset()
+        counters.clear()
+        params = dtensor_params(meshes)
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        step = torch.compile(opt.step, backend="fxmesh")
+        with torch._dynamo.config.patch(specialize_float=specialize):
+            for s in range(STEPS):
+                set_grads([params], s)
+                schedule(s, opt)
+                step()
+        assert counters["fxmesh"]["eager_fallbacks"] == 0
+        assert (counters["fxmesh"]["graphs"] > 3) == specialize, dict(counters["fxmesh"])
+        states[specialize] = [
+            t.to_local().clone() for p in params for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])
+        ]
+    for i, (constant, symbolic) in enumerate(zip(states[True], states[False])):
+        torch.testing.assert_close(symbolic, constant, rtol=0, atol=0, msg=lambda m, i=i: f"state tensor {i}: {m}")
