@@ -200,3 +200,25 @@ def test_symbolic_hyperparameters_compute_what_constants_do(meshes, monkeypatch,
         ]
     for i, (constant, symbolic) in enumerate(zip(states[True], states[False])):
         torch.testing.assert_close(symbolic, constant, rtol=0, atol=0, msg=lambda m, i=i: f"state tensor {i}: {m}")
+
+
+def test_symbolic_hyperparameter_a_lowering_does_not_take_runs_eagerly(meshes, caplog):
+    """A lowering that takes no symbolic hyperparameter leaves that graph to run eagerly, with one warning
+    naming it, and the step still matches eager."""
+    from fxmesh.lowering import lower_fused_calls
+
+    adam = importlib.import_module("fxmesh.passes.lower_fused_adam")
+
+    def constants_only(gm):
+        return lower_fused_calls(gm, ("adamw",), adam._emit, scalar_lists=("state_steps",), tensor_hyperparameters=())
+
+    with caplog.at_level(logging.WARNING, logger="fxmesh.backend"):
+        run_local_parity(
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+            dtensor_params(meshes),
+            steps=STEPS,
+            before_step=_every_step("lr", lambda s: 1e-2 / (s + 1)),
+            backend=fxmesh.backend(passes=["split_by_mesh", constants_only]),
+        )
+    assert counters["fxmesh"]["eager_fallbacks"] == 1, caplog.text
+    assert "fused adamw: lr is a symbolic number" in caplog.text
