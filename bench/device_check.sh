@@ -22,7 +22,7 @@ grep -E "^(FAILED|E  )" "$OUT/tests_cuda.log" | head -n 12
 tail -n 1 "$OUT/tests_cuda.log"
 
 timeout ${BENCH_TIMEOUT:-330} python3 bench/optim_step.py --device cuda --workload moe-shard \
-    --variants "${BENCH_VARIANTS:-eager_fused,eager_fused_plain,fxmesh,fxmesh_skip_spec_guards,eager_clip,fxmesh_clip}" \
+    --variants "${BENCH_VARIANTS:-eager_fused,eager_fused_plain,fxmesh,fxmesh_cudagraphs,eager_clip,fxmesh_clip}" \
     --json "$OUT/moe_shard.json" >"$OUT/bench_moe_shard.txt" 2>&1
 echo "bench: rc=$?"
 grep -v -i warn "$OUT/bench_moe_shard.txt" | tail -n 12

@@ -15,7 +15,7 @@ Variants:
   torch_compile_foreach_plain  upstream compiled foreach over plain tensors (compile-time reference)
   fxmesh             torch.compile(opt.step, backend="fxmesh")
   fxmesh_combo       the same with Inductor's combo kernels (GPU: fewer, larger launches)
-  fxmesh_cudagraphs  the same with CUDA graphs (GPU)
+  fxmesh_cudagraphs  the same with fxmesh.backend(cudagraphs=True) (GPU)
   fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
@@ -71,7 +71,6 @@ CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
 # Inductor options of the fxmesh variants; keys this torch does not know are dropped.
 VARIANT_INDUCTOR_CONFIG = {
     "fxmesh_combo": {"combo_kernels": True, "combo_kernel_max_num_nodes": 64},
-    "fxmesh_cudagraphs": {"triton.cudagraphs": True},
 }
 
 
@@ -318,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                 opt.step()
 
             return compiled_clip_and_step, True
+        if variant == "fxmesh_cudagraphs":
+            if dev != "cuda":
+                raise RuntimeError("GPU only")
+            backend = fxmesh.backend(cudagraphs=True)
+            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend=backend), True
         if variant in VARIANT_INDUCTOR_CONFIG:
             if dev != "cuda":
                 raise RuntimeError("GPU only")

@@ -42,6 +42,7 @@ class FxmeshBackend:
         inductor_config: dict[str, Any] | None = None,
         streamline_guards: bool = True,
         local_shards: bool = True,
+        cudagraphs: bool = False,
     ) -> None:
         if compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {', '.join(_COMPILERS)}, not {compiler!r}")
@@ -49,7 +50,8 @@ class FxmeshBackend:
         self.compiler = compiler
         # Dynamo's guards already pin every input's size and stride; Inductor's
         # own per-input asserts cost ~2.5 us each, 1,000 per step for 200 params.
-        self.inductor_config = {"size_asserts": False, **(inductor_config or {})}
+        cudagraph_config = {"triton.cudagraphs": True} if cudagraphs else {}
+        self.inductor_config = {"size_asserts": False, **cudagraph_config, **(inductor_config or {})}
         self.streamline_guards = streamline_guards
         self.local_shards = local_shards
         install()
@@ -135,6 +137,7 @@ def backend(
     inductor_config: dict[str, Any] | None = None,
     streamline_guards: bool = True,
     local_shards: bool = True,
+    cudagraphs: bool = False,
 ) -> FxmeshBackend:
     """Build an fxmesh backend for ``torch.compile(..., backend=...)``.
 
@@ -150,6 +153,10 @@ def backend(
         local_shards: compile a graph whose DTensor math is elementwise and
             local over the DTensors' local tensors (:func:`fxmesh.local.localize`);
             graphs with collectives or other non-local ops stay on DTensors.
+        cudagraphs: replay each compiled graph from a CUDA graph (Inductor's
+            CUDA-graph trees, ``triton.cudagraphs``); parameters and optimizer
+            states are static inputs, gradients are copied in.  CUDA only: a
+            graph on the CPU runs as it would without it.
     """
     return FxmeshBackend(
         passes=passes,
@@ -157,6 +164,7 @@ def backend(
         inductor_config=inductor_config,
         streamline_guards=streamline_guards,
         local_shards=local_shards,
+        cudagraphs=cudagraphs,
     )
 
 

@@ -105,3 +105,4 @@ def test_inductor_config_defaults_and_overrides():
     """Size asserts are off by default (Dynamo guards the inputs); user overrides win."""
     assert fxmesh.backend().inductor_config == {"size_asserts": False}
     assert fxmesh.backend(inductor_config={"size_asserts": True}).inductor_config["size_asserts"] is True
+    assert fxmesh.backend(cudagraphs=True).inductor_config == {"size_asserts": False, "triton.cudagraphs": True}

@@ -53,6 +53,22 @@ def test_local_shards_off(meshes):
     assert counters["fxmesh"]["local_shard_graphs"] == 0
 
 
+def test_cudagraphs_option(meshes):
+    """``cudagraphs=True`` turns on Inductor's CUDA graphs for the step: on CUDA the local-shard step replays
+    one (nothing skipped; parameters and states are static inputs), on the CPU it runs as without; the numbers
+    match eager either way."""
+    backend = fxmesh.backend(cudagraphs=True)
+    assert backend.inductor_config["triton.cudagraphs"] is True
+    run_parity(
+        lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True),
+        dtensor_params(meshes),
+        backend=backend,
+    )
+    assert counters["fxmesh"]["local_shard_graphs"] == 1
+    if DEVICE == "cuda":
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
 def test_mutated_dtensors_get_new_versions(meshes):
     """Parameters updated on their local shards still count as modified in place for autograd; grads do not."""
     params = dtensor_params(meshes)
