@@ -85,8 +85,8 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
         momentum=rounded(proxy(args["momentum"]), opmath),
         one_minus_dampening=one_minus(proxy(args["dampening"]), opmath),
     )
-    # A symbolic momentum is not 0: torch.optim branched on it while Dynamo traced.
-    has_momentum = isinstance(args["momentum"], torch.fx.Node) or args["momentum"] != 0
+    # torch.optim passes no buffers when momentum is 0; for a symbolic momentum, Dynamo traced that branch.
+    has_momentum = bool(buffers) if isinstance(args["momentum"], torch.fx.Node) else args["momentum"] != 0
     for i in range(len(params)):
         _sgd_update(
             proxy(params[i]),

@@ -129,6 +129,10 @@ SCHEDULES = {
         lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1, fused=True),
         _schedule(momentum=[0.95, 0.9, 0.85], dampening=[0.1, 0.2], weight_decay=[0.1, 0.0, 0.05]),
     ),
+    "sgd-momentum-through-0": (
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=True),
+        _schedule(momentum=[0.9, 0.0, 0.5]),
+    ),
     "adagrad": (
         lambda ps: torch.optim.Adagrad(ps, lr=1e-2, lr_decay=0.01, weight_decay=0.1, fused=True),
         _schedule(lr_decay=[0.01, 0.02, 0.03], weight_decay=[0.1, 0.0, 0.05], eps=[1e-10, 1e-6]),
