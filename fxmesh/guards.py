@@ -149,14 +149,16 @@ class _SpecMatch:
 
     def __call__(self, spec: Any) -> bool:
         last_spec, last_hash = self.last
-        if spec is last_spec and last_hash is not None and spec._hash is last_hash:
+        if spec is last_spec and last_hash is not None and getattr(spec, "_hash", None) is last_hash:
             return True
         if not spec._check_equals(self.expected, skip_shapes=True):
             return False
         pinned = None
         if spec is last_spec:
             hash(spec)
+            pinned = getattr(spec, "_hash", None)  # a torch whose spec caches no hash never pins
             # Python caches small ints, so their identity would not show a recomputed hash.
-            pinned = spec._hash if not -5 <= spec._hash <= 256 else None
+            if not isinstance(pinned, int) or -5 <= pinned <= 256:
+                pinned = None
         self.last = (spec, pinned)
         return True
