@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every variant compiles its graphs from scratch: fxmesh_skip_spec_guards has fxmesh's graph,
     # which a per-process graph cache would hand it in seconds.
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
+    for config, key in ((torch._inductor.config, "fx_graph_cache"), (torch._functorch.config, "enable_autograd_cache")):
+        if hasattr(config, key):
+            setattr(config, key, False)
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
     dev = args.device
