@@ -59,6 +59,7 @@ from fxmesh.lowering import (
     TABLE_ROWS,
     Hyper,
     divided,
+    grad_prologue,
     local,
     lower_fused_calls,
     materialized,
@@ -123,22 +124,18 @@ def _adam_update(
     step_size = scalars[0].to(opmath)
     bias_correction2_sqrt = scalars[1].to(opmath)
 
-    p = up(param)
-    g = up(grad)
-    if grad_scale is not None:
-        g = g / grad_scale.to(opmath)
-        unscaled_grad = g
-    if maximize:
-        g = -g
-    if not decoupled_weight_decay:
-        g = with_weight_decay(g, lambda: g + p * scalar(weight_decay, opmath), weight_decay)
-    elif gpu_kernel:  # param -= lr * weight_decay * param, in opmath
+    # Adam adds the decay to the grad (L2); AdamW decays the param.
+    l2_decay = 0.0 if decoupled_weight_decay else scalar(weight_decay, opmath)
+    p, g, grad_outputs = grad_prologue(
+        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=l2_decay
+    )
+    if decoupled_weight_decay and gpu_kernel:  # param -= lr * weight_decay * param, in opmath
         if isinstance(lr, Proxy) or isinstance(weight_decay, Proxy):
             lr_decay = scalar(lr, opmath) * scalar(weight_decay, opmath)
         else:
             lr_decay = round_to(lr * weight_decay, opmath)
         p = with_weight_decay(p, lambda: p - lr_decay * p, weight_decay)
-    else:  # param *= 1 - lr * weight_decay, the factor in float64
+    elif decoupled_weight_decay:  # param *= 1 - lr * weight_decay, the factor in float64
         decay = 1 - (lr.to(torch.float64) if isinstance(lr, Proxy) else lr) * weight_decay
         p = with_weight_decay(p, lambda: p * scalar(decay, opmath), weight_decay)
     if gpu_kernel:
@@ -152,10 +149,7 @@ def _adam_update(
         outputs.append((max_exp_avg_sq, v))
     denom = v.sqrt() / bias_correction2_sqrt + scalar(eps, opmath)
     p = p - step_size * m / denom
-    outputs.insert(0, (param, p))
-    if grad_scale is not None:
-        outputs.append((grad, unscaled_grad))
-    write_back(outputs, found_inf)
+    write_back([(param, p), *outputs, *grad_outputs], found_inf)
 
 
 def _gpu_kernel(device: torch.device) -> bool:
