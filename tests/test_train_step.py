@@ -63,10 +63,13 @@ def test_step_hook_that_records_autograd(meshes):
     assert counters["fxmesh"]["lowered_nodes"] >= 1
 
 
-def _every_step(key, value):
+def _schedule(**values):
+    """A ``before_step`` that sets each hyperparameter to its value for the step (``betas`` as a pair)."""
+
     def before_step(s, *opts):
         for opt in opts:
-            opt.param_groups[0][key] = value(s)
+            for key, per_step in values.items():
+                opt.param_groups[0][key] = per_step[s % len(per_step)]
 
     return before_step
 
@@ -87,7 +90,7 @@ def test_float_lr_changed_every_step_is_compiled(meshes, caplog, make_opt):
     the local shards: upstream has no DTensor rule for fused SGD and Adagrad.
     """
     graphs_at = {}
-    new_lr = _every_step("lr", lambda s: 1e-2 / (s + 1))
+    new_lr = _schedule(lr=[1e-2 / (s + 1) for s in range(STEPS)])
 
     def before_step(s, *opts):
         graphs_at[s] = counters["fxmesh"]["graphs"]
@@ -98,17 +101,6 @@ def test_float_lr_changed_every_step_is_compiled(meshes, caplog, make_opt):
     assert counters["fxmesh"]["eager_fallbacks"] == 0, caplog.text
     assert counters["fxmesh"]["graphs"] == graphs_at[STEPS - 2], dict(counters["fxmesh"])
     assert counters["fxmesh"]["lowered_nodes"] == 3 * counters["fxmesh"]["graphs"]  # one call per mesh
-
-
-def _schedule(**values):
-    """A ``before_step`` that sets each hyperparameter to its value for the step (``betas`` as a pair)."""
-
-    def before_step(s, *opts):
-        for opt in opts:
-            for key, per_step in values.items():
-                opt.param_groups[0][key] = per_step[s % len(per_step)]
-
-    return before_step
 
 
 # A weight decay of 0 on some steps: the kernels skip the decay term then, and so must the graph.
@@ -221,7 +213,7 @@ def test_symbolic_hyperparameter_a_lowering_does_not_take_runs_eagerly(meshes, c
             lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
             dtensor_params(meshes),
             steps=STEPS,
-            before_step=_every_step("lr", lambda s: 1e-2 / (s + 1)),
+            before_step=_schedule(lr=[1e-2 / (s + 1) for s in range(STEPS)]),
             backend=fxmesh.backend(passes=["split_by_mesh", constants_only]),
         )
     assert counters["fxmesh"]["eager_fallbacks"] == 1, caplog.text
