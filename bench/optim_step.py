@@ -68,9 +68,10 @@ VARIANTS = (
 )
 CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
 
-# Inductor options of the fxmesh variants; keys this torch does not know are dropped.
-VARIANT_INDUCTOR_CONFIG = {
-    "fxmesh_combo": {"combo_kernels": True, "combo_kernel_max_num_nodes": 64},
+# fxmesh.backend options of the GPU-only fxmesh variants; Inductor keys this torch does not know are dropped.
+GPU_VARIANT_BACKEND = {
+    "fxmesh_combo": {"inductor_config": {"combo_kernels": True, "combo_kernel_max_num_nodes": 64}},
+    "fxmesh_cudagraphs": {"cudagraphs": True},
 }
 
 
@@ -318,18 +319,17 @@ def main(argv: list[str] | None = None) -> int:
                 opt.step()
 
             return compiled_clip_and_step, True
-        if variant == "fxmesh_cudagraphs":
-            if dev != "cuda":
-                raise RuntimeError("GPU only")
-            backend = fxmesh.backend(cudagraphs=True)
-            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend=backend), True
-        if variant in VARIANT_INDUCTOR_CONFIG:
+        if variant in GPU_VARIANT_BACKEND:
             if dev != "cuda":
                 raise RuntimeError("GPU only")
             import torch._inductor.config as inductor_config
 
-            known = {k: v for k, v in VARIANT_INDUCTOR_CONFIG[variant].items() if hasattr(inductor_config, k)}
-            backend = fxmesh.backend(inductor_config=known)
+            options = dict(GPU_VARIANT_BACKEND[variant])
+            if "inductor_config" in options:
+                options["inductor_config"] = {
+                    k: v for k, v in options["inductor_config"].items() if hasattr(inductor_config, k)
+                }
+            backend = fxmesh.backend(**options)
             return torch.compile(optimizer(params("dtensor"), fused=True).step, backend=backend), True
         raise AssertionError(variant)
 
