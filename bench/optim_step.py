@@ -385,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
         finally:
             del step
-        print(f"[{variant}] median {row.median_ms} ms, compile {row.compile_s} s {row.note}", flush=True)
+        print(
+            f"[{variant}] median {row.median_ms} ms (iqr {row.iqr_ms}), floor {row.floor_pct}%,"
+            f" compile {row.compile_s} s, recompiles {row.recompiles}, kernels {row.kernels},"
+            f" peak +{row.peak_mem_mb} MB {row.note}",
+            flush=True,
+        )
     base = next((r.median_ms for r in rows if r.variant == "eager_fused" and r.median_ms), None)
     for row in rows:
         if base and row.median_ms:
