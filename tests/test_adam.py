@@ -20,6 +20,7 @@ from tests.helpers import (
     grad_scaler_state,
     set_grads,
     shard,
+    without_comments,
 )
 
 STEPS = 5
@@ -54,7 +55,7 @@ def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None, g
 
 def assert_fully_compiled(code: str, op: str = "_fused_adam", graphs: int = 1) -> None:
     assert KERNEL_PREFIX in code, f"Inductor generated no {KERNEL_PREFIX} kernel"
-    assert op not in code, f"an aten {op} kernel is still called"
+    assert op not in without_comments(code), f"an aten {op} kernel is still called"
     assert not unexpected_graph_breaks(), unexpected_graph_breaks()
     assert counters["fxmesh"]["graphs"] == graphs, f"the step compiled {counters['fxmesh']['graphs']} times"
 

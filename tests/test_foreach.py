@@ -9,10 +9,12 @@ Checked: equal to eager on the local shards over 5 steps.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from tests.helpers import DEVICE, KERNEL_PREFIX, dtensor_params
+from tests.helpers import DEVICE, KERNEL_PREFIX, dtensor_params, without_comments
 from tests.test_adam import unexpected_graph_breaks
 from tests.test_sgd import run_local_parity
 
@@ -39,7 +41,10 @@ CASES = {
 }
 # capturable=True keeps the step counts on the device and computes the bias corrections there as
 # tensors.  Eagerly torch.optim refuses it for CPU tensors; compiled it runs, so on the CPU the
-# reference is the same optimizer without capturable (same math, scalars on the host).
+# reference is the same optimizer without capturable (same math, scalars on the host).  On a GPU,
+# Dynamo turns capturable on in every group whose state is not yet created
+# (OptimizerVariable._set_capturable), so there the compiled step is the capturable one whatever
+# the options say, and so is its reference.
 CASES |= {
     f"{name}-foreach-capturable": (cls, dict(lr=lr, foreach=True, capturable=True))
     for name, cls, lr in [
@@ -60,10 +65,13 @@ def test_matches_eager_on_local_shards(meshes, case):
     """Five steps with fresh grads over three meshes equal eager on the local shards (1e-5)."""
     cls, options = CASES[case]
     params = dtensor_params(meshes)
-    ref_options = {**options, "capturable": False} if options.get("capturable") and DEVICE == "cpu" else options
+    ref_options = options
+    if "capturable" in inspect.signature(cls).parameters:
+        ref_options = {**options, "capturable": DEVICE != "cpu"}
     _, _, code = run_local_parity(lambda ps: cls(ps, **options), params, make_ref=lambda ps: cls(ps, **ref_options))
     assert KERNEL_PREFIX in code, "Inductor generated no kernel"
-    assert "aten._foreach" not in code and "aten._fused" not in code, "an aten optimizer kernel is called as an extern"
+    calls = without_comments(code)
+    assert "aten._foreach" not in calls and "aten._fused" not in calls, "an aten optimizer op is called"
     assert not unexpected_graph_breaks(), unexpected_graph_breaks()
 
 

@@ -165,7 +165,15 @@ def test_hyperparameters_changed_every_step_are_compiled(meshes, caplog, name, l
     assert counters["fxmesh"]["local_shard_graphs"] == (on_local_shards if local_shards else 0)
 
 
-@pytest.mark.parametrize("gpu_math", [False, True], ids=["cpu-kernel-math", "gpu-kernel-math"])
+# The CPU kernel's arithmetic takes its scalars in float64 host math.  On a GPU no step uses it, and
+# there the symbolic form's float64 math runs in Triton, not on the host: 1 ulp apart in 8 of one
+# parameter's 16 elements on an H100 (torch 2.11).
+CPU_KERNEL_MATH = pytest.param(
+    False, id="cpu-kernel-math", marks=pytest.mark.skipif(DEVICE != "cpu", reason="CPU kernels' arithmetic")
+)
+
+
+@pytest.mark.parametrize("gpu_math", [CPU_KERNEL_MATH, pytest.param(True, id="gpu-kernel-math")])
 def test_symbolic_hyperparameters_compute_what_constants_do(meshes, monkeypatch, gpu_math):
     """The float64-tensor form of scheduled AdamW hyperparameters gives bit for bit the states the constant
     form gives, in the CPU kernel's arithmetic and in the GPU kernels' (which this runs on the CPU)."""
