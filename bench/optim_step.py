@@ -14,7 +14,7 @@ Variants:
   torch_compile_foreach  the same with foreach=True (the path upstream compiles)
   torch_compile_foreach_plain  upstream compiled foreach over plain tensors (compile-time reference)
   fxmesh             torch.compile(opt.step, backend="fxmesh")
-  fxmesh_combo       the same with Inductor's combo kernels (GPU: fewer, larger launches)
+  fxmesh_combo       the same with fxmesh.backend(combo_kernels=True) (GPU: fewer, larger launches)
   fxmesh_cudagraphs  the same with fxmesh.backend(cudagraphs=True) (GPU)
   fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
@@ -70,7 +70,7 @@ CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
 
 # fxmesh.backend options of the GPU-only fxmesh variants; Inductor keys this torch does not know are dropped.
 GPU_VARIANT_BACKEND = {
-    "fxmesh_combo": {"inductor_config": {"combo_kernels": True, "combo_kernel_max_num_nodes": 64}},
+    "fxmesh_combo": {"combo_kernels": True},
     "fxmesh_cudagraphs": {"cudagraphs": True},
 }
 
@@ -322,14 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if variant in GPU_VARIANT_BACKEND:
             if dev != "cuda":
                 raise RuntimeError("GPU only")
-            import torch._inductor.config as inductor_config
-
-            options = dict(GPU_VARIANT_BACKEND[variant])
-            if "inductor_config" in options:
-                options["inductor_config"] = {
-                    k: v for k, v in options["inductor_config"].items() if hasattr(inductor_config, k)
-                }
-            backend = fxmesh.backend(**options)
+            backend = fxmesh.backend(**GPU_VARIANT_BACKEND[variant])
             return torch.compile(optimizer(params("dtensor"), fused=True).step, backend=backend), True
         raise AssertionError(variant)
 

@@ -43,6 +43,7 @@ class FxmeshBackend:
         streamline_guards: bool = True,
         local_shards: bool = True,
         cudagraphs: bool = False,
+        combo_kernels: bool = False,
     ) -> None:
         if compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {', '.join(_COMPILERS)}, not {compiler!r}")
@@ -50,8 +51,12 @@ class FxmeshBackend:
         self.compiler = compiler
         # Dynamo's guards already pin every input's size and stride; Inductor's
         # own per-input asserts cost ~2.5 us each, 1,000 per step for 200 params.
-        cudagraph_config = {"triton.cudagraphs": True} if cudagraphs else {}
-        self.inductor_config = {"size_asserts": False, **cudagraph_config, **(inductor_config or {})}
+        options = {"triton.cudagraphs": cudagraphs, "combo_kernels": combo_kernels}
+        self.inductor_config = {
+            "size_asserts": False,
+            **{name: True for name, on in options.items() if on},  # off: whatever Inductor's config says
+            **(inductor_config or {}),
+        }
         self.streamline_guards = streamline_guards
         self.local_shards = local_shards
         install()
@@ -138,6 +143,7 @@ def backend(
     streamline_guards: bool = True,
     local_shards: bool = True,
     cudagraphs: bool = False,
+    combo_kernels: bool = False,
 ) -> FxmeshBackend:
     """Build an fxmesh backend for ``torch.compile(..., backend=...)``.
 
@@ -155,8 +161,17 @@ def backend(
             graphs with collectives or other non-local ops stay on DTensors.
         cudagraphs: replay each compiled graph from a CUDA graph (Inductor's
             CUDA-graph trees, ``triton.cudagraphs``); parameters and optimizer
-            states are static inputs, gradients are copied in.  CUDA only: a
-            graph on the CPU runs as it would without it.
+            states are static inputs, gradients are copied in.  That copy is
+            one more read and write of every gradient: on the H100 moe-shard
+            step (1 GB of gradients) 5.24 ms against 4.50 ms without, so the
+            option pays only where launches, not bytes, bound the step.  CUDA
+            only: a graph on the CPU runs as it would without it.
+        combo_kernels: let Inductor put the per-parameter kernels, which are
+            independent of each other, into shared launches (Inductor's
+            ``combo_kernels``).  On an H100 (torch 2.11) the 200-parameter
+            moe-shard AdamW step went from 229 launches and 4.50 ms to 32 and
+            3.48 ms.  Triton only: C++ kernels on the CPU already take up to 32
+            parameters each.
     """
     return FxmeshBackend(
         passes=passes,
@@ -165,6 +180,7 @@ def backend(
         streamline_guards=streamline_guards,
         local_shards=local_shards,
         cudagraphs=cudagraphs,
+        combo_kernels=combo_kernels,
     )
 
 

@@ -69,6 +69,24 @@ def test_cudagraphs_option(meshes):
         assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
+def test_combo_kernels_option(meshes):
+    """``combo_kernels=True`` turns on Inductor's combo kernels for the step: on CUDA the seven parameters'
+    updates share launches, on the CPU (C++ kernels, no combo kernels) it runs as without; the numbers match
+    eager either way."""
+    backend = fxmesh.backend(combo_kernels=True)
+    assert backend.inductor_config["combo_kernels"] is True
+    assert "combo_kernels" not in fxmesh.backend().inductor_config  # off: Inductor's own setting stands
+    _, _, code = run_parity(
+        lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True),
+        dtensor_params(meshes),
+        backend=backend,
+    )
+    assert counters["fxmesh"]["local_shard_graphs"] == 1
+    if DEVICE == "cuda":
+        kernels = code.count("async_compile.triton(")
+        assert 0 < kernels < 7, code
+
+
 def test_mutated_dtensors_get_new_versions(meshes):
     """Parameters updated on their local shards still count as modified in place for autograd; grads do not."""
     params = dtensor_params(meshes)
