@@ -26,8 +26,10 @@ memory-bandwidth floor (the bytes one step must move, e.g. 28 B/param for fp32 A
 device-to-device copy bandwidth measured in the same run), speedup over eager_fused, compile
 seconds (no compiled-graph cache: each variant compiles its graphs afresh, though C++/Triton
 kernels an earlier variant built are reused), recompiles after the first compiled call, peak
-memory increase over the parameters, grads and states (CUDA), and kernels launched per step
-(CUDA, profiler).
+memory increase over the parameters, grads and states (CUDA), kernels launched per step
+(CUDA, profiler), and the relative error of the parameters after the run against
+eager_fused's (eager_clip's for fxmesh_clip), max |a - e| / max |e| per tensor: every variant
+takes the same steps with the same gradients.
 
 Examples:
   python bench/optim_step.py --workload moe-shard --scale 0.01      # CPU, 2.6M params
@@ -123,6 +125,7 @@ class Row:
     recompiles: int | None = None
     peak_mem_mb: float | None = None
     kernels: int | None = None
+    rel_err: float | None = None
     note: str = ""
 
 
@@ -164,6 +167,12 @@ def _gist(message: str, width: int = 110) -> str:
     mesh = re.search(r"[A-Z][^\"\n(:]*\bmesh(?:es)?\b[^\"\n:]*", message)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return (mesh.group(0) if mesh else lines[0] if lines else "")[:width]
+
+
+def _rel_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|, in float64 (as the tests measure it)."""
+    a, e = actual.double(), expected.double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
 
 
 def copy_bandwidth(device: str, timer: Timer) -> float:
@@ -271,16 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     def optimizer(ps, **kw):
         return opt_cls(ps, lr=1e-3, weight_decay=0.01, **kw)
 
-    def build(variant: str) -> tuple[Callable[[], object], bool]:
-        """The step function of ``variant`` and whether it is compiled."""
-        if variant == "eager_fused":
-            return optimizer(params("dtensor"), fused=True).step, False
+    def build(variant: str) -> tuple[Callable[[], object], bool, list[torch.nn.Parameter]]:
+        """The step function of ``variant``, whether it is compiled, and the parameters it updates."""
+        ps = params("plain" if variant.endswith("_plain") else "dtensor")
+        if variant == "eager_fused" or variant == "eager_fused_plain":
+            return optimizer(ps, fused=True).step, False, ps
         if variant == "eager_foreach":
-            return optimizer(params("dtensor"), foreach=True).step, False
-        if variant == "eager_fused_plain":
-            return optimizer(params("plain"), fused=True).step, False
+            return optimizer(ps, foreach=True).step, False, ps
         if variant == "per_mesh_eager":
-            ps = params("dtensor")
             groups: dict[object, list] = {}
             for p in ps:
                 groups.setdefault(p.device_mesh, []).append(p)
@@ -290,20 +297,17 @@ def main(argv: list[str] | None = None) -> int:
                 for o in opts:
                     o.step()
 
-            return step, False
+            return step, False, ps
         if variant == "torch_compile":
-            return torch.compile(optimizer(params("dtensor"), fused=True).step), True
-        if variant == "torch_compile_foreach":
-            return torch.compile(optimizer(params("dtensor"), foreach=True).step), True
-        if variant == "torch_compile_foreach_plain":
-            return torch.compile(optimizer(params("plain"), foreach=True).step), True
+            return torch.compile(optimizer(ps, fused=True).step), True, ps
+        if variant in ("torch_compile_foreach", "torch_compile_foreach_plain"):
+            return torch.compile(optimizer(ps, foreach=True).step), True, ps
         if variant == "fxmesh":
-            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend="fxmesh"), True
+            return torch.compile(optimizer(ps, fused=True).step, backend="fxmesh"), True, ps
         if variant == "fxmesh_skip_spec_guards":
             options = {"guard_filter_fn": fxmesh.skip_guard_on_dtensor_specs_unsafe}
-            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend="fxmesh", options=options), True
+            return torch.compile(optimizer(ps, fused=True).step, backend="fxmesh", options=options), True, ps
         if variant in CLIP_VARIANTS:
-            ps = params("dtensor")
             opt = optimizer(ps, fused=True)
             if variant == "eager_clip":
 
@@ -311,19 +315,19 @@ def main(argv: list[str] | None = None) -> int:
                     fxmesh.clip_grad_norm_(ps, 1.0)
                     opt.step()
 
-                return clip_and_step, False
+                return clip_and_step, False, ps
 
             @torch.compile(backend="fxmesh")
             def compiled_clip_and_step():
                 torch.nn.utils.clip_grad_norm_(ps, 1.0)
                 opt.step()
 
-            return compiled_clip_and_step, True
+            return compiled_clip_and_step, True, ps
         if variant in GPU_VARIANT_BACKEND:
             if dev != "cuda":
                 raise RuntimeError("GPU only")
             backend = fxmesh.backend(**GPU_VARIANT_BACKEND[variant])
-            return torch.compile(optimizer(params("dtensor"), fused=True).step, backend=backend), True
+            return torch.compile(optimizer(ps, fused=True).step, backend=backend), True, ps
         raise AssertionError(variant)
 
     def kernels_per_step(step) -> int | None:
@@ -337,18 +341,19 @@ def main(argv: list[str] | None = None) -> int:
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
     rows: list[Row] = []
+    final_params: dict[str, list[torch.Tensor]] = {}
     for variant in variants:
         row = Row(variant)
         rows.append(row)
         torch._dynamo.reset()
         counters.clear()
         gc.collect()  # the previous variant's tensors and graphs; a full heap also slows compiles
-        step = None
+        step = ps = None
         try:
             if dev == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            step, compiled = build(variant)
+            step, compiled, ps = build(variant)
             t0 = time.perf_counter()
             step()  # creates the states; compiles a compiled variant
             timer.sync()
@@ -372,18 +377,24 @@ def main(argv: list[str] | None = None) -> int:
                     row.note = f"{breaks} graph breaks, runs eager where it breaks: {_gist(reasons[0])}"
             row.kernels = kernels_per_step(step)
             row.floor_pct = 100 * (clip_floor_ms if variant in CLIP_VARIANTS else floor_ms) / row.median_ms
+            # Every variant takes the same number of steps with the same gradients.
+            final_params[variant] = [(p.to_local() if isinstance(p, DTensor) else p).detach().cpu() for p in ps]
         except Exception as e:  # a variant that fails is reported, not fatal
             row.note = f"fails: {type(e).__name__}: {_gist(str(e))}"
             if os.environ.get("FXMESH_BENCH_TRACEBACK"):
                 traceback.print_exc()
         finally:
-            del step
+            del step, ps
         print(
             f"[{variant}] median {row.median_ms} ms (iqr {row.iqr_ms}), floor {row.floor_pct}%,"
             f" compile {row.compile_s} s, recompiles {row.recompiles}, kernels {row.kernels},"
             f" peak +{row.peak_mem_mb} MB {row.note}",
             flush=True,
         )
+    for row in rows:
+        reference = final_params.get("eager_clip" if row.variant in CLIP_VARIANTS else "eager_fused")
+        if reference is not None and row.variant in final_params:
+            row.rel_err = max(_rel_error(a, e) for a, e in zip(final_params[row.variant], reference))
     base = next((r.median_ms for r in rows if r.variant == "eager_fused" and r.median_ms), None)
     for row in rows:
         if base and row.median_ms:
@@ -418,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             fmt(r.recompiles, "d"),
             fmt(r.peak_mem_mb, ".1f"),
             fmt(r.kernels, "d"),
+            fmt(r.rel_err, ".1e"),
             r.note,
         ]
         for r in rows
@@ -436,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recompiles",
                 "peak +MB",
                 "kernels",
+                "rel. err",
                 "note",
             ],
         )
