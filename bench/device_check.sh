@@ -1,39 +1,50 @@
 #!/usr/bin/env bash
-# The checks one GPU session runs (results go to bench/RESULTS.md): which arithmetic this
-# torch's fused CUDA Adam uses, the end-to-end tests on CUDA (Triton kernels; test_foreach adds
-# the capturable=True cases there), the moe-shard benchmark with clipping and CUDA graphs, and
-# a reduced overhead workload.  Logs land in $OUT.  Needs pytest-xdist and tabulate (the GPU
-# image has both).  The CPU suite runs in CI and on torch 2.11/2.13 CPU builds, not here.  The
-# timeouts (190 + 230 + 120 s) keep the whole script under the device tool's 600 s per call;
-# every stage prints as it goes, so a stage cut off still reports what it finished.
+# The checks a GPU session runs (results go to bench/RESULTS.md).  Stages, in the order given:
+#   tests     the end-to-end tests on CUDA with Inductor's combo kernels on (Triton kernels;
+#             test_foreach adds the capturable cases there); all but the combo-specific ones
+#             passed without combo kernels on an H100 (RESULTS, GPU run 2)
+#   moe       the moe-shard benchmark: fxmesh with and without combo kernels, clipping
+#   overhead  a 200-tensor overhead workload, with a profiler table of each variant's step
+#   probe     which arithmetic this torch's fused CUDA Adam uses
+# Default: tests moe (about 480 s: one device call); then `bash bench/device_check.sh overhead`
+# as a second call while the machine is warm.  Logs land in $OUT.  Needs pytest-xdist and
+# tabulate (the GPU image has both).  Every stage prints as it goes, so a stage cut off by its
+# timeout still reports what it finished.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 FXMESH_BENCH_TRACEBACK=1
 OUT=${OUT:-/tmp/fxmesh-device}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
 
-python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn
-start=$SECONDS
-FXMESH_TEST_DEVICE=cuda timeout ${TEST_TIMEOUT:-190} python3 -m pytest -v -n 8 -p no:cacheprovider \
-    tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py tests/test_train_step.py \
-    tests/test_clip.py tests/test_local.py >"$OUT/tests_cuda.log" 2>&1
-echo "cuda tests: rc=$? in $((SECONDS - start)) s"
-grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 12
-grep -c PASSED "$OUT/tests_cuda.log"; grep -c -E " (FAILED|ERROR) " "$OUT/tests_cuda.log"
-tail -n 1 "$OUT/tests_cuda.log"
+bench() {  # name timeout args...
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    timeout "$limit" python3 bench/optim_step.py --device cuda "$@" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
+    echo "bench $name: rc=$? in $((SECONDS - start)) s"
+    grep -E "^\[[a-z_]+\] median|\|" "$OUT/$name.txt" | tail -n 14
+}
 
-start=$SECONDS
-timeout ${BENCH_TIMEOUT:-230} python3 bench/optim_step.py --device cuda --workload moe-shard \
-    --variants "${BENCH_VARIANTS:-eager_fused,fxmesh,fxmesh_cudagraphs,eager_fused_plain,eager_clip,fxmesh_clip}" \
-    --json "$OUT/moe_shard.json" >"$OUT/bench_moe_shard.txt" 2>&1
-echo "bench moe-shard: rc=$? in $((SECONDS - start)) s"
-grep -E "^\[|\|" "$OUT/bench_moe_shard.txt" | tail -n 14
-
-start=$SECONDS
-timeout ${OVERHEAD_TIMEOUT:-120} python3 bench/optim_step.py --device cuda --workload overhead \
-    --tensors ${OVERHEAD_TENSORS:-200} --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_cudagraphs \
-    --json "$OUT/overhead.json" >"$OUT/bench_overhead.txt" 2>&1
-echo "bench overhead: rc=$? in $((SECONDS - start)) s"
-grep -E "^\[|\|" "$OUT/bench_overhead.txt" | tail -n 10
+for stage in "${@:-tests moe}"; do
+    for s in $stage; do
+        case $s in
+        probe) python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn ;;
+        tests)
+            start=$SECONDS
+            FXMESH_TEST_DEVICE=cuda FXMESH_TEST_COMBO_KERNELS=1 timeout ${TEST_TIMEOUT:-250} \
+                python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
+                tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
+                tests/test_train_step.py tests/test_clip.py tests/test_local.py >"$OUT/tests_cuda.log" 2>&1
+            echo "cuda tests (combo kernels): rc=$? in $((SECONDS - start)) s"
+            echo "passed $(grep -c ' PASSED ' "$OUT/tests_cuda.log"), failed $(grep -c -E ' (FAILED|ERROR) ' "$OUT/tests_cuda.log")"
+            grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16
+            ;;
+        moe) bench moe_shard "${BENCH_TIMEOUT:-230}" --workload moe-shard \
+            --variants eager_fused,fxmesh_combo,eager_fused_plain,fxmesh,eager_clip,fxmesh_clip ;;
+        overhead) bench overhead "${OVERHEAD_TIMEOUT:-400}" --workload overhead --tensors 200 --profile \
+            --variants eager_fused,eager_fused_plain,fxmesh_combo,fxmesh_cudagraphs,fxmesh ;;
+        *) echo "unknown stage $s" ;;
+        esac
+    done
+done

@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument("--plot", help="bar chart PNG of median ms (needs matplotlib)")
+    parser.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table of one step of each variant"
+    )
     args = parser.parse_args(argv)
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -330,14 +333,23 @@ def main(argv: list[str] | None = None) -> int:
             return torch.compile(optimizer(ps, fused=True).step, backend=backend), True, ps
         raise AssertionError(variant)
 
-    def kernels_per_step(step) -> int | None:
-        if dev != "cuda":
+    def profile_step(variant: str, step) -> int | None:
+        """Kernels one step launches (CUDA); with --profile, also prints where that step's time goes."""
+        if dev != "cuda" and not args.profile:
             return None
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU] if args.profile else []
+        if dev == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
             step()
-            torch.cuda.synchronize()
+            timer.sync()
+        if args.profile:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            print(f"[{variant}] one step under the profiler, by self CPU time:\n{table}", flush=True)
+        if dev != "cuda":
+            return None
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
     rows: list[Row] = []
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.note = "CUDA graphs skipped (see TORCH_LOGS=perf_hints)"
                 if reasons:
                     row.note = f"{breaks} graph breaks, runs eager where it breaks: {_gist(reasons[0])}"
-            row.kernels = kernels_per_step(step)
+            row.kernels = profile_step(variant, step)
             row.floor_pct = 100 * (clip_floor_ms if variant in CLIP_VARIANTS else floor_ms) / row.median_ms
             # Every variant takes the same number of steps with the same gradients.
             final_params[variant] = [(p.to_local() if isinstance(p, DTensor) else p).detach().cpu() for p in ps]

@@ -17,7 +17,7 @@ def test_optim_step_smoke(tmp_path):
     out_json = tmp_path / "out.json"
     cmd = [sys.executable, str(BENCH), "--tensors", "4", "--shape", "8", "8", "--steps", "3", "--warmup", "1"]
     variants = "eager_fused,eager_fused_plain,torch_compile_foreach,fxmesh,eager_clip,fxmesh_clip"
-    cmd += ["--variants", variants, "--json", str(out_json)]
+    cmd += ["--variants", variants, "--json", str(out_json), "--profile"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out_json.read_text())
@@ -38,3 +38,4 @@ def test_optim_step_smoke(tmp_path):
     assert "different mesh" in rows["torch_compile_foreach"]["note"]  # "meshes" on torch 2.13, "mesh" on 2.11
     assert result["floor_ms"] > 0 and result["workload"]["numel"] == 4 * 64
     assert "fxmesh" in out.stdout and "x eager_fused" in out.stdout
+    assert "[fxmesh] one step under the profiler" in out.stdout and "Torch-Compiled Region" in out.stdout
