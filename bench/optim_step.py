@@ -70,7 +70,7 @@ VARIANTS = (
 )
 CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
 
-# fxmesh.backend options of the GPU-only fxmesh variants; Inductor keys this torch does not know are dropped.
+# fxmesh.backend options of the GPU-only fxmesh variants.
 GPU_VARIANT_BACKEND = {
     "fxmesh_combo": {"combo_kernels": True},
     "fxmesh_cudagraphs": {"cudagraphs": True},
