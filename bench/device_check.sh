@@ -34,7 +34,9 @@ for stage in "${@:-tests moe}"; do
         probe) python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn ;;
         tests)
             start=$SECONDS
-            FXMESH_TEST_DEVICE=cuda FXMESH_TEST_COMBO_KERNELS=1 timeout ${TEST_TIMEOUT:-250} \
+            # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core).
+            FXMESH_TEST_DEVICE=cuda FXMESH_TEST_COMBO_KERNELS=1 TORCHINDUCTOR_COMPILE_THREADS=4 \
+                timeout ${TEST_TIMEOUT:-250} \
                 python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
                 tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
                 tests/test_train_step.py tests/test_clip.py tests/test_local.py >"$OUT/tests_cuda.log" 2>&1
