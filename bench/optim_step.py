@@ -44,6 +44,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -169,12 +170,6 @@ def _gist(message: str, width: int = 110) -> str:
     return (mesh.group(0) if mesh else lines[0] if lines else "")[:width]
 
 
-def _rel_error(actual, expected) -> float:
-    """max |actual - expected| / max |expected|, in float64 (as the tests measure it)."""
-    a, e = actual.double(), expected.double()
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
-
-
 def copy_bandwidth(device: str, timer: Timer) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read and written."""
     import torch
@@ -236,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import fxmesh
+    from fxmesh.numerics import rel_error
 
     # Every variant compiles its graphs from scratch: fxmesh_skip_spec_guards has fxmesh's graph,
     # which a per-process graph cache would hand it in seconds.
@@ -406,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         reference = final_params.get("eager_clip" if row.variant in CLIP_VARIANTS else "eager_fused")
         if reference is not None and row.variant in final_params:
-            row.rel_err = max(_rel_error(a, e) for a, e in zip(final_params[row.variant], reference))
+            errors = [rel_error(a, e) for a, e in zip(final_params[row.variant], reference)]
+            row.rel_err = max(errors, key=lambda err: math.inf if math.isnan(err) else err)  # NaN wins
     base = next((r.median_ms for r in rows if r.variant == "eager_fused" and r.median_ms), None)
     for row in rows:
         if base and row.median_ms:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
@@ -48,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import pytest
+
+from fxmesh.numerics import rel_error
 
 if TYPE_CHECKING:
     import torch
@@ -326,7 +327,7 @@ def _mismatches(opt: Any, shadow: Any, rtol: float) -> list[str]:
             pairs += [(f" state {k!r}", v, ref_state[k]) for k, v in state.items() if isinstance(v, torch.Tensor)]
         for what, actual, expected in pairs:
             tol = max(rtol, _LOW_PRECISION_ULP.get(str(actual.dtype), 0.0))
-            err = _rel_error(actual, expected)
+            err = rel_error(actual, expected)
             if not err <= tol:  # NaN included
                 problems.append(f"{name}{what}: relative error {err:.3e} > {tol:.1e} against eager")
     return problems
@@ -339,21 +340,3 @@ def _describe(p: torch.Tensor) -> str:
     if isinstance(p, DTensor):
         return f"DTensor {tuple(p.shape)} {dtype}, {p.placements} on mesh {p.device_mesh.mesh_dim_names}"
     return f"{tuple(p.shape)} {dtype}"
-
-
-def _rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| over the local shards, in float64; NaN/inf must match."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    a, e = (t.to_local() if isinstance(t, DTensor) else t for t in (actual, expected))
-    if a.shape != e.shape or a.dtype != e.dtype:
-        return math.inf
-    if a.numel() == 0:
-        return 0.0
-    wide = torch.complex128 if a.is_complex() else torch.float64
-    a, e = a.detach().to(wide), e.detach().to(wide)
-    same = (a == e) | (a.isnan() & e.isnan())
-    diff = torch.where(same, 0, (a - e).abs()).max()
-    scale = torch.where(e.isfinite(), e.abs(), 0).max().clamp_min(1e-30)
-    return (diff / scale).item()

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.distributed.tensor import Shard
 
-from fxmesh.pytest_plugin import CompileMode, _mismatches, _rel_error, _shadow_copy
+from fxmesh.numerics import rel_error
+from fxmesh.pytest_plugin import CompileMode, _mismatches, _shadow_copy
 from tests.helpers import shard
 
 pytest_plugins = ["pytester"]
@@ -246,9 +247,9 @@ def test_interception_is_undone_after_each_test():
 def test_relative_error_treats_nan_and_inf_positions_as_values():
     """NaN/inf where eager has them are no error; NaN where eager is finite is."""
     nan, inf = math.nan, math.inf
-    assert _rel_error(torch.tensor([nan, inf, 2.0]), torch.tensor([nan, inf, 2.0])) == 0
-    assert _rel_error(torch.tensor([1.0, 2.02]), torch.tensor([1.0, 2.0])) == pytest.approx(0.01)
-    assert math.isnan(_rel_error(torch.tensor([nan, 2.0]), torch.tensor([1.0, 2.0])))
+    assert rel_error(torch.tensor([nan, inf, 2.0]), torch.tensor([nan, inf, 2.0])) == 0
+    assert rel_error(torch.tensor([1.0, 2.02]), torch.tensor([1.0, 2.0])) == pytest.approx(0.01)
+    assert math.isnan(rel_error(torch.tensor([nan, 2.0]), torch.tensor([1.0, 2.0])))
 
 
 def test_mismatches_name_parameter_layout_and_state(dp):
