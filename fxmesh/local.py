@@ -130,6 +130,11 @@ class LocalGraph:
         return dataclasses.replace(self.shards, compiled=compiled)
 
 
+def _is_glue(node: torch.fx.Node) -> bool:
+    """fxmesh's scalar-to-DTensor ``replicate`` or a ``to_local``: nothing on the local shards."""
+    return node.target is replicate or (node.op == "call_method" and node.target == "to_local")
+
+
 def _is_elementwise(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _ELEMENTWISE_METHODS
@@ -226,7 +231,7 @@ def _refusal(gm: torch.fx.GraphModule) -> str | None:
             if any(user.target is not replicate for user in node.users):
                 return f"{node.format_node()} is used outside fxmesh's scalar glue"
             continue
-        if node.target is replicate or (node.op == "call_method" and node.target == "to_local"):
+        if _is_glue(node):
             continue
         if node.target is operator.getitem and isinstance(example_value(node.args[0]), (list, tuple)):
             continue
@@ -313,7 +318,7 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
         env[old].replace_all_uses_with(lifted[old.target])
         graph.erase_node(env[old])
     for node in list(graph.nodes):
-        if node.target is replicate or (node.op == "call_method" and node.target == "to_local"):
+        if _is_glue(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     for node in list(graph.nodes):
