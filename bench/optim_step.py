@@ -21,6 +21,13 @@ Variants:
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
   fxmesh_clip        torch.nn.utils.clip_grad_norm_ + opt.step() compiled with fxmesh as one graph
 
+Workloads (--workload): moe-shard, one rank's shard of a MoE model (200 tensors of 1024x1280,
+262M fp32 params, dense weights on `dp` and experts on `ep`; --scale scales the rows, 0.01 on
+the CPU); moe-shard-bf16, the same with bf16 parameters and gradients, and bf16 states as
+torch.optim creates them (eager fused Adam refuses float32 states beside bf16 parameters:
+"expected scalar type BFloat16 but found Float"); overhead, 1000 tensors of 64x64 on `dp`,
+`ep` and `tp`, where per-tensor dispatch, not bytes, bounds the step.
+
 Columns: median ms per step and its spread (interquartile range), percent of the
 memory-bandwidth floor (the bytes one step must move, e.g. 28 B/param for fp32 AdamW, over a
 device-to-device copy bandwidth measured in the same run), speedup over eager_fused, compile
@@ -99,9 +106,7 @@ class Workload:
 def make_workload(name: str, scale: float, tensors: int | None, shape: tuple[int, ...] | None) -> Workload:
     """The local shards of one rank.
 
-    moe-shard: 200 tensors of 1024x1280 (262M params), dense weights on ``dp`` and experts on
-    ``ep``; ``--scale`` scales the rows.  overhead: 1000 tensors of 64x64 on three meshes.
-    ``tensors`` and ``shape`` override the count and the local shape.
+    See the module docstring; ``tensors`` and ``shape`` override the count and the local shape.
     """
     if name.startswith("moe-shard"):
         n = tensors or 200

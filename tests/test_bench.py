@@ -39,3 +39,19 @@ def test_optim_step_smoke(tmp_path):
     assert result["floor_ms"] > 0 and result["workload"]["numel"] == 4 * 64
     assert "fxmesh" in out.stdout and "x eager_fused" in out.stdout
     assert "[fxmesh] one step under the profiler" in out.stdout and "Torch-Compiled Region" in out.stdout
+
+
+def test_optim_step_bf16_workload(tmp_path):
+    """moe-shard-bf16: bf16 parameters and states, a 14 B/param floor, fxmesh within one bf16 ulp of eager fused."""
+    out_json = tmp_path / "out.json"
+    cmd = [sys.executable, str(BENCH), "--workload", "moe-shard-bf16", "--tensors", "2", "--shape", "8", "8"]
+    cmd += ["--steps", "3", "--warmup", "1", "--variants", "eager_fused,fxmesh", "--json", str(out_json)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(out_json.read_text())
+    assert result["workload"]["dtype"] == "bfloat16" and result["workload"]["numel"] == 2 * 64
+    floor_s = 7 * 2 * 2 * 64 / result["bandwidth_bytes_per_s"]  # AdamW: 7 tensors of 2 bytes per param
+    assert result["floor_ms"] == pytest.approx(floor_s * 1e3)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["fxmesh"]["median_ms"] > 0 and rows["fxmesh"]["recompiles"] == 0, rows["fxmesh"]
+    assert rows["fxmesh"]["rel_err"] <= 2**-8, rows["fxmesh"]
