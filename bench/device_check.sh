@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The checks a GPU session runs (results go to bench/RESULTS.md).  Stages, in the order given:
+#   overhead  100 tensors of 64x64 on three meshes, with a profiler table of each variant's step:
+#             in GPU run 2 fxmesh was slower than eager fused here (200 tensors, 7.62 against
+#             4.14 ms) for a reason the timings alone did not show
 #   tests     the end-to-end tests on CUDA with Inductor's combo kernels on (Triton kernels;
-#             test_foreach adds the capturable cases there); in GPU run 2 (RESULTS, without
-#             combo kernels) 73 of them ran and every parity check passed; most of test_clip
-#             was not reached
-#   moe       the moe-shard benchmark: combo kernels, clipping, then fxmesh without combo kernels
-#             (measured in GPU run 2; last, where the stage limit may cut it)
-#   overhead  a 200-tensor overhead workload, with a profiler table of each variant's step
-#   probe     which arithmetic this torch's fused CUDA Adam uses
-# Default: tests moe (about 480 s: one device call); then `bash bench/device_check.sh overhead`
+#             test_foreach adds the capturable cases there); in GPU run 2 (without combo
+#             kernels) 73 of them ran and every parity check passed; most of test_clip was not
+#             reached
+#   moe       the moe-shard benchmark: combo kernels (with their error against eager), clipping,
+#             then fxmesh without combo kernels (measured in GPU run 2; last, where the stage
+#             limit may cut it)
+#   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
+# Default: overhead tests (about 450 s: one device call); then `bash bench/device_check.sh moe`
 # as a second call while the machine is warm.  Logs land in $OUT.  Needs pytest-xdist and
 # tabulate (the GPU image has both).  Every stage prints as it goes, so a stage cut off by its
 # timeout still reports what it finished.
@@ -28,7 +31,7 @@ bench() {  # name timeout args...
     grep -E "^\[[a-z_]+\] median|\|" "$OUT/$name.txt" | tail -n 14
 }
 
-for stage in "${@:-tests moe}"; do
+for stage in "${@:-overhead tests}"; do
     for s in $stage; do
         case $s in
         probe) python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn ;;
@@ -46,7 +49,7 @@ for stage in "${@:-tests moe}"; do
             ;;
         moe) bench moe_shard "${BENCH_TIMEOUT:-230}" --workload moe-shard \
             --variants eager_fused,fxmesh_combo,eager_fused_plain,eager_clip,fxmesh_clip,fxmesh ;;
-        overhead) bench overhead "${OVERHEAD_TIMEOUT:-400}" --workload overhead --tensors 200 --profile \
+        overhead) bench overhead "${OVERHEAD_TIMEOUT:-200}" --workload overhead --tensors 100 --profile --trace-dir "$OUT/traces" \
             --variants eager_fused,eager_fused_plain,fxmesh_combo,fxmesh_cudagraphs,fxmesh ;;
         *) echo "unknown stage $s" ;;
         esac

@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of one step of each variant"
     )
+    parser.add_argument(
+        "--trace-dir", help="with --profile, also write each profiled step as DIR/VARIANT.json (Chrome trace)"
+    )
     args = parser.parse_args(argv)
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -349,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
             print(f"[{variant}] one step under the profiler, by self CPU time:\n{table}", flush=True)
+            if args.trace_dir:
+                os.makedirs(args.trace_dir, exist_ok=True)
+                prof.export_chrome_trace(os.path.join(args.trace_dir, f"{variant}.json"))
         if dev != "cuda":
             return None
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)

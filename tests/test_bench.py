@@ -17,7 +17,7 @@ def test_optim_step_smoke(tmp_path):
     out_json = tmp_path / "out.json"
     cmd = [sys.executable, str(BENCH), "--tensors", "4", "--shape", "8", "8", "--steps", "3", "--warmup", "1"]
     variants = "eager_fused,eager_fused_plain,torch_compile_foreach,fxmesh,eager_clip,fxmesh_clip"
-    cmd += ["--variants", variants, "--json", str(out_json), "--profile"]
+    cmd += ["--variants", variants, "--json", str(out_json), "--profile", "--trace-dir", str(tmp_path / "traces")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out_json.read_text())
@@ -39,6 +39,8 @@ def test_optim_step_smoke(tmp_path):
     assert result["floor_ms"] > 0 and result["workload"]["numel"] == 4 * 64
     assert "fxmesh" in out.stdout and "x eager_fused" in out.stdout
     assert "[fxmesh] one step under the profiler" in out.stdout and "Torch-Compiled Region" in out.stdout
+    trace = json.loads((tmp_path / "traces" / "fxmesh.json").read_text())
+    assert any("Torch-Compiled Region" in e.get("name", "") for e in trace["traceEvents"])
 
 
 def test_optim_step_bf16_workload(tmp_path):
