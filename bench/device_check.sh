@@ -10,11 +10,12 @@
 #   moe       the moe-shard benchmark: combo kernels (with their error against eager), clipping,
 #             then fxmesh without combo kernels (measured in GPU run 2; last, where the stage
 #             limit may cut it)
+#   moe_bf16  the same in bf16 (never measured on a GPU): eager fused, on plain tensors, combo kernels
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
-# Default: overhead tests (about 450 s: one device call); then `bash bench/device_check.sh moe`
-# as a second call while the machine is warm.  Logs land in $OUT.  Needs pytest-xdist and
-# tabulate (the GPU image has both).  Every stage prints as it goes, so a stage cut off by its
-# timeout still reports what it finished.
+# Default: overhead tests (about 450 s: one device call); then `bash bench/device_check.sh moe
+# moe_bf16` (about 330 s) as a second call while the machine is warm.  Logs land in $OUT.
+# Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
+# stage cut off by its timeout still reports what it finished.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 FXMESH_BENCH_TRACEBACK=1
 OUT=${OUT:-/tmp/fxmesh-device}
@@ -49,8 +50,10 @@ for stage in "${@:-overhead tests}"; do
             ;;
         moe) bench moe_shard "${BENCH_TIMEOUT:-230}" --workload moe-shard \
             --variants eager_fused,fxmesh_combo,eager_fused_plain,eager_clip,fxmesh_clip,fxmesh ;;
-        overhead) bench overhead "${OVERHEAD_TIMEOUT:-200}" --workload overhead --tensors 100 --profile --trace-dir "$OUT/traces" \
-            --variants eager_fused,eager_fused_plain,fxmesh_combo,fxmesh_cudagraphs,fxmesh ;;
+        moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
+            --variants eager_fused,eager_fused_plain,fxmesh_combo ;;
+        overhead) bench overhead "${OVERHEAD_TIMEOUT:-200}" --workload overhead --tensors 100 \
+            --profile --trace-dir "$OUT/traces" --variants eager_fused,eager_fused_plain,fxmesh_combo,fxmesh_cudagraphs,fxmesh ;;
         *) echo "unknown stage $s" ;;
         esac
     done
