@@ -40,6 +40,7 @@ __all__ = [
     "rounded",
     "scalar",
     "stack_scalars",
+    "table_groups",
     "upcast",
     "with_weight_decay",
     "write_back",
@@ -226,6 +227,48 @@ def _symbolic_float_as_tensor(
     return tensor
 
 
+def _layout(node: torch.fx.Node) -> tuple[Any, ...] | None:
+    value = example_value(node)
+    local = value._local_tensor if isinstance(value, DTensor) else value
+    if not all(isinstance(d, int) for d in (*local.shape, *local.stride())):
+        return None
+    return tuple(local.shape), local.stride(), str(local.dtype)
+
+
+def table_groups(params: list[torch.fx.Node]) -> list[list[int]]:
+    """The parameters' indices in runs of at most :data:`TABLE_ROWS` that never mix local layouts.
+
+    One scalar table per run; with the lists ordered by layout (see
+    :func:`lower_fused_calls`), parameters of one layout make runs that are the
+    same computation, which :mod:`fxmesh.pieces` compiles once.
+    """
+    groups: list[list[int]] = []
+    previous = object()
+    for i, param in enumerate(params):
+        layout = _layout(param)
+        if not groups or len(groups[-1]) == TABLE_ROWS or layout != previous:
+            groups.append([])
+        groups[-1].append(i)
+        previous = layout
+    return groups
+
+
+def _order_by_layout(op: FusedOp, args: dict[str, Any]) -> None:
+    """Reorder the call's lists so that parameters of one local shape and dtype are next to each other.
+
+    Each parameter's update is independent of the others', so the order is
+    free; sorted, the scalar tables group parameters of one layout, and
+    :mod:`fxmesh.pieces` compiles such groups once.
+    """
+    layouts = [_layout(p) for p in args[op.list_args[0]]]
+    if None in layouts:
+        return
+    order = sorted(range(len(layouts)), key=layouts.__getitem__)
+    for name in op.list_args:
+        if args[name]:
+            args[name] = [args[name][i] for i in order]
+
+
 def lower_fused_calls(
     gm: torch.fx.GraphModule,
     op_names: tuple[str, ...],
@@ -244,6 +287,7 @@ def lower_fused_calls(
     tracer = GraphAppendingTracer(graph)
     fake_mode = None
     modified = False
+    memo: dict[Any, Any] = {}
 
     def proxy(n: Any) -> Any:
         return Proxy(n, tracer) if isinstance(n, torch.fx.Node) else n
@@ -256,6 +300,7 @@ def lower_fused_calls(
         for name in op.list_args:
             for i, entry in enumerate(args[name]):
                 check_entry(op.name, i, name, entry, scalar_lists)
+        _order_by_layout(op, args)
         fake_mode = fake_mode or graph_fake_mode(gm)
         symbolic = {}
         for name, value in args.items():
@@ -275,7 +320,7 @@ def lower_fused_calls(
             emit(op, args, proxy)
         cursor = before.next
         while cursor is not node:
-            propagate_example_value(cursor, fake_mode)
+            propagate_example_value(cursor, fake_mode, memo)
             cursor.meta["fxmesh_lowered_from"] = node.name
             cursor = cursor.next
         graph.erase_node(node)

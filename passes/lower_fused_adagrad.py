@@ -7,7 +7,8 @@ kernel for CPU only (``Adagrad(fused=True)`` refuses CUDA parameters).
 What: each call becomes, per parameter, the math of aten's CPU kernel: the step
 (already incremented by torch.optim) gives ``clr = lr / (1 + (step - 1) *
 lr_decay)`` in float64, once per parameter, as materialized tables of
-:data:`fxmesh.lowering.TABLE_ROWS` rows;
+:data:`fxmesh.lowering.TABLE_ROWS` rows (of one local layout, see
+:func:`fxmesh.lowering.table_groups`);
 then ``grad_scale`` unscales and writes back the gradient, ``maximize`` negates
 it, weight decay adds ``param * weight_decay``, ``state_sum += grad * grad`` and
 ``param -= clr * grad / (sqrt(state_sum) + eps)``, in the opmath type.  The
@@ -34,7 +35,6 @@ from torch.fx.proxy import Proxy
 from fxmesh.fused_ops import FusedOp
 from fxmesh.lowering import (
     OPMATH,
-    TABLE_ROWS,
     Hyper,
     divided,
     grad_prologue,
@@ -43,6 +43,7 @@ from fxmesh.lowering import (
     materialized,
     rounded,
     stack_scalars,
+    table_groups,
     upcast,
     write_back,
 )
@@ -89,27 +90,27 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     params, grads, state_sums, steps = (args[name] for name in op.list_args)
     lr = proxy(args["lr"])
     lr64 = local(lr).to(torch.float64) if isinstance(lr, Proxy) else lr
-    for i in range(len(params)):
-        if i % TABLE_ROWS == 0:
-            rows = steps[i : i + TABLE_ROWS]
-            steps64 = stack_scalars([local(proxy(s)).to(torch.float64) for s in rows], example_value(rows[0]).device)
-            clr = divided(lr64, 1.0 + (steps64 - 1.0) * proxy(args["lr_decay"]))
-            if len(rows) > 1:  # Inductor leaves a 1-element value alone
-                clr = materialized(clr, [1])
-        dtype = example_value(params[i]).dtype
-        _adagrad_update(
-            proxy(params[i]),
-            proxy(grads[i]),
-            proxy(state_sums[i]),
-            clr[i % TABLE_ROWS],
-            weight_decay=proxy(args["weight_decay"]),
-            eps=proxy(args["eps"]),
-            maximize=args["maximize"],
-            grad_scale=proxy(args.get("grad_scale")),
-            found_inf=proxy(args.get("found_inf")),
-            opmath=OPMATH[dtype],
-            held=dtype,
-        )
+    for rows in table_groups(params):
+        device = example_value(steps[rows[0]]).device
+        steps64 = stack_scalars([local(proxy(steps[i])).to(torch.float64) for i in rows], device)
+        clr = divided(lr64, 1.0 + (steps64 - 1.0) * proxy(args["lr_decay"]))
+        if len(rows) > 1:  # Inductor leaves a 1-element value alone
+            clr = materialized(clr, [1])
+        for row, i in enumerate(rows):
+            dtype = example_value(params[i]).dtype
+            _adagrad_update(
+                proxy(params[i]),
+                proxy(grads[i]),
+                proxy(state_sums[i]),
+                clr[row],
+                weight_decay=proxy(args["weight_decay"]),
+                eps=proxy(args["eps"]),
+                maximize=args["maximize"],
+                grad_scale=proxy(args.get("grad_scale")),
+                found_inf=proxy(args.get("found_inf")),
+                opmath=OPMATH[dtype],
+                held=dtype,
+            )
 
 
 def lower_fused_adagrad(gm: torch.fx.GraphModule) -> PassResult:

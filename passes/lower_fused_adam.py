@@ -20,7 +20,8 @@ decay that is 0 on some step skips its term on that call.
 
 The per-parameter scalars of one call are computed together, as a
 ``(rows, 2)`` table on the local step tensors for every
-:data:`fxmesh.lowering.TABLE_ROWS` parameters, and each table is materialized
+:data:`fxmesh.lowering.TABLE_ROWS` parameters of one local layout
+(:func:`fxmesh.lowering.table_groups`), and each table is materialized
 (:func:`fxmesh.lowering.materialized`).  Written per parameter, Inductor
 inlined each 0-dim scalar into its reader, and each parameter's vectorized
 loop recomputed ``pow(beta, step)`` in float64 in every iteration: on CPU that
@@ -56,7 +57,6 @@ from torch.fx.proxy import Proxy
 from fxmesh.fused_ops import FusedOp
 from fxmesh.lowering import (
     OPMATH,
-    TABLE_ROWS,
     Hyper,
     divided,
     grad_prologue,
@@ -68,6 +68,7 @@ from fxmesh.lowering import (
     rounded,
     scalar,
     stack_scalars,
+    table_groups,
     upcast,
     with_weight_decay,
     write_back,
@@ -169,29 +170,28 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
         hyper = {k: v if k == "lr" and isinstance(v, Proxy) else rounded(v, opmath) for k, v in hyper.items()}
     table_dtype = opmath if gpu_kernel else torch.float64
     lr = hyper["lr"]
-    for i in range(len(params)):
-        if i % TABLE_ROWS == 0:
-            rows = [proxy(s) for s in steps[i : i + TABLE_ROWS]]
-            table = _scalar_table(rows, lr, hyper["beta1"], hyper["beta2"], table_dtype)
-        _adam_update(
-            proxy(params[i]),
-            proxy(grads[i]),
-            proxy(exp_avgs[i]),
-            proxy(exp_avg_sqs[i]),
-            proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
-            table[i % TABLE_ROWS],
-            opmath=OPMATH[example_value(params[i]).dtype],
-            lr=lr,
-            beta1=hyper["beta1"],
-            beta2=hyper["beta2"],
-            weight_decay=hyper["weight_decay"],
-            eps=hyper["eps"],
-            maximize=args["maximize"],
-            decoupled_weight_decay=op.name == "adamw",
-            grad_scale=proxy(args.get("grad_scale")),
-            found_inf=proxy(args.get("found_inf")),
-            gpu_kernel=gpu_kernel,
-        )
+    for rows in table_groups(params):
+        table = _scalar_table([proxy(steps[i]) for i in rows], lr, hyper["beta1"], hyper["beta2"], table_dtype)
+        for row, i in enumerate(rows):
+            _adam_update(
+                proxy(params[i]),
+                proxy(grads[i]),
+                proxy(exp_avgs[i]),
+                proxy(exp_avg_sqs[i]),
+                proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
+                table[row],
+                opmath=OPMATH[example_value(params[i]).dtype],
+                lr=lr,
+                beta1=hyper["beta1"],
+                beta2=hyper["beta2"],
+                weight_decay=hyper["weight_decay"],
+                eps=hyper["eps"],
+                maximize=args["maximize"],
+                decoupled_weight_decay=op.name == "adamw",
+                grad_scale=proxy(args.get("grad_scale")),
+                found_inf=proxy(args.get("found_inf")),
+                gpu_kernel=gpu_kernel,
+            )
 
 
 def lower_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
