@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="write each graph before and after the passes, as compiled (over the local shards where it "
-        "can be), and Inductor's output code, into DIR",
+        "can be; one file per distinct piece, see fxmesh.pieces), and Inductor's output code, into DIR",
     )
     inspect.add_argument("--strict", action="store_true", help="exit 1, saying why, unless the step is fully compiled")
     inspect.set_defaults(run=_inspect)

@@ -306,6 +306,7 @@ class _Recorder:
         self.inputs: list[Any] = []
         self.multi_mesh_nodes: list[str] = []
         self.output_code: list[str] = []
+        self.compiled_per_graph: dict[int, int] = {}
         self.breaks: list[tuple[str, Any]] = []
         if dump_dir is not None:
             dump_dir.mkdir(parents=True, exist_ok=True)
@@ -353,8 +354,12 @@ class _Recorder:
         return PassResult(gm, False)
 
     def compiled(self, gm: torch.fx.GraphModule) -> None:
-        """The graph the inner compiler gets: over the local shards where :mod:`fxmesh.local` applied."""
-        self._dump(f"graph_{self.graphs - 1}.compiled.py", gm.print_readable(print_output=False))
+        """A graph the inner compiler gets: over the local shards where :mod:`fxmesh.local` applied; one
+        per distinct piece where :mod:`fxmesh.pieces` split the step (``graph_G.compiled_K.py``)."""
+        index = self.graphs - 1
+        piece = self.compiled_per_graph.get(index, 0)
+        self.compiled_per_graph[index] = piece + 1
+        self._dump(f"graph_{index}.compiled_{piece}.py", gm.print_readable(print_output=False))
 
     def save_output_code(self, code: str) -> None:
         self._dump(f"output_code_{len(self.output_code)}.py", code)

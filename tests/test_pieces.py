@@ -1,0 +1,153 @@
+"""fxmesh.pieces: a lowered step compiled as independent pieces, each distinct piece once."""
+
+from __future__ import annotations
+
+import importlib
+import operator
+
+import pytest
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor, Shard
+
+import fxmesh
+from fxmesh.pieces import compile_in_pieces
+from tests.helpers import DEVICE, FP32_RTOL, assert_rel_close, dtensor_params
+
+pieces_module = importlib.import_module("fxmesh.pieces")
+
+
+def _lowered(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """``node``, marked as emitted by fxmesh's lowering."""
+    node.meta["fxmesh_lowered_from"] = "fused"
+    return node
+
+
+def _graph(shared_scalar_written: bool) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """Two parameters' updates, written back as the lowering does, reading one 0-dim s.
+
+    ::
+
+        s ──┬── a * s ── a.copy_(.)
+            └── b * s ── b.copy_(.)      (+ s.add_(1) when the scalar is written)
+    """
+    graph = torch.fx.Graph()
+    a, b, s = (graph.placeholder(n) for n in "abs")
+    for x in (a, b):
+        _lowered(graph, graph.call_method("copy_", (x, _lowered(graph, graph.call_function(operator.mul, (x, s))))))
+    if shared_scalar_written:
+        _lowered(graph, graph.call_method("add_", (s, 1)))
+    graph.output(())
+    return torch.fx.GraphModule(torch.nn.Module(), graph), [torch.ones(4), torch.ones(4), torch.tensor(2.0)]
+
+
+def _eager(gm: torch.fx.GraphModule, inputs: list) -> object:
+    return gm.forward
+
+
+def test_a_shared_scalar_nothing_writes_does_not_tie_pieces(monkeypatch):
+    """Two updates that read one scalar are two pieces (one component each) of one computation, compiled once."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    gm, inputs = _graph(shared_scalar_written=False)
+    compiled = compile_in_pieces(gm, inputs, _eager)
+    assert compiled is not None
+    assert counters["fxmesh"]["pieces"] == 2 and counters["fxmesh"]["piece_compiles"] == 1
+    a, b, s = torch.ones(4), torch.full((4,), 3.0), torch.tensor(2.0)
+    compiled(a, b, s)
+    assert a.tolist() == [2.0] * 4 and b.tolist() == [6.0] * 4
+
+
+def test_a_written_scalar_keeps_the_graph_whole(monkeypatch):
+    """If anything writes the shared scalar, its readers stay in one piece: the graph does not split."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    gm, inputs = _graph(shared_scalar_written=True)
+    assert compile_in_pieces(gm, inputs, _eager) is None
+
+
+def test_a_prologue_after_the_lowered_nodes_it_shares_a_tensor_with_keeps_the_graph_whole(monkeypatch):
+    """A node fxmesh did not emit, after lowered nodes on the same tensor, cannot move to the front."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    for x in (a, b):
+        _lowered(graph, graph.call_method("copy_", (x, _lowered(graph, graph.call_function(operator.mul, (x, 2.0))))))
+    graph.call_method("add_", (a, 1.0))
+    graph.output(())
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert compile_in_pieces(gm, [torch.ones(4), torch.ones(4)], _eager) is None
+
+
+def _params(meshes: list, n: int, shapes: list[tuple[int, ...]]) -> list[torch.nn.Parameter]:
+    """``n`` parameters, their local shards of ``shapes`` in turn, on ``meshes`` in turn."""
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for i in range(n):
+        mesh = meshes[i % len(meshes)]
+        local = torch.randn(shapes[i % len(shapes)], generator=gen).to(DEVICE)
+        placements = [Shard(0)] * mesh.ndim
+        params.append(torch.nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False)))
+    return params
+
+
+def _step_and_compare(params, opt, ref_opt, ref, step, steps=3) -> None:
+    """``steps`` steps with fresh gradients; the shards match eager fused on plain tensors (fp32: 1e-5)."""
+    for k in range(steps):
+        gen = torch.Generator().manual_seed(100 + k)
+        for p, r in zip(params, ref):
+            g = torch.randn(p.to_local().shape, generator=gen).to(DEVICE)
+            p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements, run_check=False)
+            r.grad = g
+        step()
+        ref_opt.step()
+    for i, (p, r) in enumerate(zip(params, ref)):
+        assert_rel_close(p.to_local(), r, FP32_RTOL, f"parameter {i}")
+    assert [opt.state[p]["step"].item() for p in params] == [steps] * len(params)
+
+
+def _reference(params, cls, **kw):
+    ref = [torch.nn.Parameter(p.to_local().detach().clone()) for p in params]
+    return ref, cls(ref, fused=True, **kw)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_parameters_of_one_layout_share_a_table_and_a_compile(dp, ep, compiler, monkeypatch):
+    """48 parameters in 3 local shapes interleaved on 2 meshes: one compile per shape, eager fused AdamW's results."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)  # one component per piece
+    params = _params([dp, ep], 48, [(4, 4), (2, 8), (8, 3)])
+    ref, ref_opt = _reference(params, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    _step_and_compare(params, opt, ref_opt, ref, torch.compile(opt.step, backend=fxmesh.backend(compiler=compiler)))
+    # Per mesh, 8 parameters of each shape: sorted by layout, one table and one component each, with
+    # their step counts; the two meshes' components of one shape are the same computation on local shards.
+    assert counters["fxmesh"]["pieces"] == 6 and counters["fxmesh"]["piece_compiles"] == 3
+
+
+def test_nothing_repeated_stays_one_graph(meshes):
+    """Seven parameters of seven layouts: no piece repeats, so the step compiles as one graph."""
+    params = dtensor_params(meshes)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    torch.compile(opt.step, backend=fxmesh.backend(compiler="aot_eager"))()
+    assert counters["fxmesh"]["local_shard_graphs"] == 1 and counters["fxmesh"]["pieces"] == 0
+
+
+def test_one_compiled_piece_runs_every_piece(dp, monkeypatch):
+    """With one component per piece, 64 parameters of one shape are four pieces compiled once."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    params = _params([dp], 64, [(4, 4)])
+    ref, ref_opt = _reference(params, torch.optim.Adam, lr=1e-2)
+    opt = torch.optim.Adam(params, lr=1e-2, fused=True)
+    _step_and_compare(params, opt, ref_opt, ref, torch.compile(opt.step, backend="fxmesh"))
+    assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 1
+
+
+def test_pieces_off(dp):
+    """fxmesh.backend(pieces=False) compiles the step as one graph."""
+    params = _params([dp], 32, [(4, 4)])
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    torch.compile(opt.step, backend=fxmesh.backend(compiler="aot_eager", pieces=False))()
+    assert counters["fxmesh"]["local_shard_graphs"] == 1 and counters["fxmesh"]["pieces"] == 0
