@@ -287,7 +287,6 @@ def lower_fused_calls(
     tracer = GraphAppendingTracer(graph)
     fake_mode = None
     modified = False
-    memo: dict[Any, Any] = {}
 
     def proxy(n: Any) -> Any:
         return Proxy(n, tracer) if isinstance(n, torch.fx.Node) else n
@@ -320,7 +319,7 @@ def lower_fused_calls(
             emit(op, args, proxy)
         cursor = before.next
         while cursor is not node:
-            propagate_example_value(cursor, fake_mode, memo)
+            propagate_example_value(cursor, fake_mode)
             cursor.meta["fxmesh_lowered_from"] = node.name
             cursor = cursor.next
         graph.erase_node(node)

@@ -96,21 +96,9 @@ def group_by_mesh(keys: Iterable[MeshKey]) -> dict[MeshKey, list[int]]:
     return groups
 
 
-def propagate_example_value(node: torch.fx.Node, fake_mode: Any, memo: dict[Any, Any] | None = None) -> None:
-    """Compute ``node``'s example value from its inputs' under ``fake_mode``.
-
-    With ``memo`` (one dict per pass run), a node that repeats an earlier
-    node's op on inputs of the same metadata gets a fresh value of the earlier
-    result's metadata instead of a second DTensor dispatch (about 1 ms per
-    node; a lowered step has some 25 nodes per parameter).  Results that share
-    memory with an input (views, in-place ops) are always computed.
-    """
+def propagate_example_value(node: torch.fx.Node, fake_mode: Any) -> None:
+    """Compute ``node``'s example value from its inputs' under ``fake_mode``."""
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example_value)
-    key = _memo_key(node, args, kwargs) if memo is not None else None
-    if key is not None and key in memo:
-        with fake_mode:
-            node.meta["example_value"] = _like(memo[key])
-        return
     with fake_mode:
         if node.op == "call_function":
             value = node.target(*args, **kwargs)
@@ -119,66 +107,6 @@ def propagate_example_value(node: torch.fx.Node, fake_mode: Any, memo: dict[Any,
         else:
             raise ValueError(f"cannot propagate a value through {node.op} nodes")
     node.meta["example_value"] = value
-    if key is not None and _fresh(value, args, kwargs):
-        memo[key] = value
-
-
-def _signature(value: Any) -> Any:
-    """Hashable metadata of an example value; raises TypeError for values it cannot describe."""
-    if isinstance(value, DTensor):
-        spec = value._spec
-        order = getattr(spec, "shard_order", None)
-        return ("D", _signature(value._local_tensor), id(spec.mesh), spec.placements, spec.shape, spec.stride, order)
-    if isinstance(value, FakeTensor):
-        return ("T", value.shape, value.stride(), value.dtype, value.device, value.requires_grad)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *map(_signature, value))
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.layout)):
-        return (type(value).__name__, value)
-    raise TypeError(type(value).__name__)
-
-
-def _memo_key(node: torch.fx.Node, args: Any, kwargs: Any) -> Any:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if node.op not in ("call_function", "call_method") or name.endswith("_"):
-        return None  # in-place: the value is the input itself
-    try:
-        key = node.op, node.target, _signature(args), _signature(sorted(kwargs.items()))
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-def _local_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, DTensor):
-        return [value._local_tensor]
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _local_tensors(v)]
-    return []
-
-
-def _fresh(value: Any, args: Any, kwargs: Any) -> bool:
-    """Whether ``value`` holds tensors only, none of them sharing memory with an input."""
-    outputs = _local_tensors(value)
-    if not outputs or not all(isinstance(t, FakeTensor) for t in outputs):
-        return False
-    if isinstance(value, (list, tuple)) and len(outputs) != len(value):
-        return False
-    inputs = {t.untyped_storage()._cdata for t in _local_tensors([args, list(kwargs.values())])}
-    return all(t.untyped_storage()._cdata not in inputs for t in outputs)
-
-
-def _like(value: Any) -> Any:
-    """A new value of ``value``'s metadata (in the ambient fake mode)."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_like(v) for v in value)
-    if isinstance(value, DTensor):
-        return DTensor(_like(value._local_tensor), value._spec, requires_grad=value.requires_grad)
-    out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
-    return out.requires_grad_(value.requires_grad)
 
 
 def graph_fake_mode(gm: torch.fx.GraphModule) -> Any:
