@@ -1,36 +1,35 @@
-"""Compile a lowered optimizer step in pieces, each distinct piece once.
+"""Compile a lowered optimizer step in pieces, each repeated piece once.
 
 After fxmesh's lowering an optimizer step is a row of independent updates:
-the parameters of one scalar table (:data:`fxmesh.lowering.TABLE_ROWS` of
-them) share the table, and nothing else but read-only scalars (a tensor lr,
-``grad_scale``) with the others.  Inductor's compile time grows with the
-number of parameters (0.2 s each on a 2-core CPU), and most of that work is
-the same work again: a model's parameters come in a few shapes.
+the parameters of one scalar table (at most :data:`fxmesh.lowering.TABLE_ROWS`
+of them, of one local layout) share the table and their step counts, and
+nothing else but read-only scalars (a tensor lr, ``grad_scale``) with the
+others.  Inductor's compile time grows with the number of parameters (0.2 s
+each on a 2-core CPU), and most of that work is the same work again: a
+model's parameters come in a few shapes.
 
-:func:`compile_in_pieces` splits such a graph:
-
-- the *prologue*: every node the lowering did not emit (the step counts'
-  ``_foreach_add_`` that torch.optim runs before the fused call), compiled as
-  one graph and run first;
-- the connected components of the lowered nodes, where two nodes connect
-  through a value one computes and the other reads, or through a graph input
-  they both touch, unless that input is a 0-dim tensor nothing writes to
-  (shared scalars do not tie the parameters together);
-- components that are the same computation over inputs of the same metadata
-  are batched, about :data:`PIECE_NODES` nodes per piece, and every distinct
-  batch is compiled once and called once per piece, each time with that
-  piece's tensors.
+:func:`compile_in_pieces` splits such a graph into the connected components
+of the lowered nodes: two nodes connect through a value one computes and the
+other reads, or through a graph input they both touch, unless that input is a
+0-dim tensor nothing writes to (shared scalars do not tie parameters
+together).  The step counts' increment that torch.optim runs before the fused
+call (an in-place ``_foreach_add_``) is split by entry into the components
+that read them.  Components that are the same computation on inputs of the
+same metadata are batched, about :data:`PIECE_NODES` nodes per batch; a batch
+that repeats is compiled once and called with every such batch's tensors.
+The rest (nodes the lowering did not emit first, then components that do not
+repeat) is one more piece, run first.
 
 A compiled graph already runs on any inputs of the metadata it was compiled
 for: Dynamo's guards pin shapes, strides, dtypes and aliasing, not addresses,
-and every step hands it new gradients.  Running it on another piece's tensors
+and every step hands it new gradients.  Running it on another batch's tensors
 is the same.  The inputs' shapes, strides, dtypes, devices, ``requires_grad``
-and which of them share storage are part of a piece's key.
+and which of them share storage are part of a batch's key.
 
 Nothing is split (``None``) where a graph has symbolic inputs or returns a
-computed value, where the prologue reads what the lowered nodes compute,
-where a prologue node after the first lowered node touches a tensor that
-lowered nodes before it touch, or where fewer than two pieces would result.
+value, where nodes the lowering did not emit read what the lowered nodes
+compute, or touch (or change global state) after lowered nodes that touch the
+same tensors, or where nothing repeats.
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ __all__ = ["PIECE_NODES", "compile_in_pieces"]
 
 log = logging.getLogger(__name__)
 
-# Nodes per piece: fewer pieces cost less per call (each is a compiled call,
-# ~10-20 us on a CPU), smaller ones share more compiles.
+# Nodes per batch: fewer pieces cost less per call (each is a compiled call,
+# about 20 us on a CPU), smaller ones repeat more often.
 PIECE_NODES = 2048
 
 _LOWERED = "fxmesh_lowered_from"
