@@ -43,7 +43,8 @@ for stage in "${@:-overhead tests}"; do
                 timeout ${TEST_TIMEOUT:-250} \
                 python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
                 tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
-                tests/test_train_step.py tests/test_clip.py tests/test_local.py >"$OUT/tests_cuda.log" 2>&1
+                tests/test_train_step.py tests/test_clip.py tests/test_local.py tests/test_pieces.py \
+                >"$OUT/tests_cuda.log" 2>&1
             echo "cuda tests (combo kernels): rc=$? in $((SECONDS - start)) s"
             echo "passed $(grep -c ' PASSED ' "$OUT/tests_cuda.log"), failed $(grep -c -E ' (FAILED|ERROR) ' "$OUT/tests_cuda.log")"
             grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16

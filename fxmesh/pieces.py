@@ -138,6 +138,11 @@ class _Piece:
         for i, old in enumerate(self.inputs):
             new = graph.placeholder(f"input_{i}")
             new.meta.update(old.meta)
+            # Not a static input: one compiled batch takes several batches' tensors, so Inductor must
+            # not count on an address (on a GPU it then checks each input's alignment per call).
+            tensor_dict = {**old.meta.get("tensor_dict", {})}
+            if tensor_dict.pop("_dynamo_static_input_type", None) is not None:
+                new.meta["tensor_dict"] = tensor_dict
             if hasattr(old, "_dynamo_source"):
                 new._dynamo_source = old._dynamo_source
             env[old] = new
