@@ -144,6 +144,9 @@ class Report:
     multi_mesh_nodes: list[str]
     # Graphs compiled over the DTensors' local tensors (fxmesh.local); the others over DTensors.
     local_shard_graphs: int = 0
+    # Pieces those graphs run as, and how many of them were compiled (fxmesh.pieces; 0 where none split).
+    pieces: int = 0
+    piece_compiles: int = 0
 
     @property
     def fallbacks(self) -> int:
@@ -493,6 +496,8 @@ def inspect_step(
         eager_fallbacks=counters["fxmesh"]["eager_fallbacks"],
         multi_mesh_nodes=recorder.multi_mesh_nodes,
         local_shard_graphs=counters["fxmesh"]["local_shard_graphs"],
+        pieces=counters["fxmesh"]["pieces"],
+        piece_compiles=counters["fxmesh"]["piece_compiles"],
     )
 
 

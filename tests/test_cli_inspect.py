@@ -98,6 +98,7 @@ def test_table_lists_meshes_per_mesh_nodes_and_breaks(graph_break_step):
     """The table: mesh rows read off the graphs' inputs, the per-mesh foreach stand-ins, the break's line."""
     out = graph_break_step.stdout
     assert re.search(r"^graphs on local shards\s+(\d+) of \1$", out, re.M), out
+    assert re.search(r"^pieces \(compiled\)\s+\d+ \(\d+\)$", out, re.M), out
     assert re.search(r"^dp\(dp=8\)\s+dp\s+8\s+8\s+64\s+256$", out, re.M), out
     assert re.search(r"^ep\(dp_mod_ep=2, ep=4\)\s+dp_mod_ep, ep\s+2x4\s+12\s+128\s+512$", out, re.M), out
     assert re.search(r"fxmesh\.ops\._foreach_div__per_mesh\s+5\s+dp\(dp=8\)\s+dp\(dp=8\): 2$", out, re.M), out
