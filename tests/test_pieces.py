@@ -137,8 +137,8 @@ def test_one_compiled_piece_runs_every_piece(dp, monkeypatch):
     """With one component per piece, 64 parameters of one shape are four pieces compiled once."""
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
     params = _params([dp], 64, [(4, 4)])
-    ref, ref_opt = _reference(params, torch.optim.Adam, lr=1e-2)
-    opt = torch.optim.Adam(params, lr=1e-2, fused=True)
+    ref, ref_opt = _reference(params, torch.optim.Adam, lr=torch.tensor(1e-2))
+    opt = torch.optim.Adam(params, lr=torch.tensor(1e-2), fused=True)  # a tensor lr: one input every piece reads
     _step_and_compare(params, opt, ref_opt, ref, torch.compile(opt.step, backend="fxmesh"))
     assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 1
 
