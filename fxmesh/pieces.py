@@ -14,7 +14,9 @@ other reads, or through a graph input they both touch, unless that input is a
 0-dim tensor nothing writes to (shared scalars do not tie parameters
 together).  The step counts' increment that torch.optim runs before the fused
 call (an in-place ``_foreach_add_``) is split by entry into the components
-that read them.  Components that are the same computation on inputs of the
+that read them, and scalar math on shared read-only inputs (a scheduled
+hyperparameter's float64 tensor, read with ``.item()``) is copied into each
+component that reads it.  Components that are the same computation on inputs of the
 same metadata are batched, about :data:`PIECE_NODES` nodes per batch; a batch
 that repeats is compiled once and called with every such batch's tensors.
 The rest (nodes the lowering did not emit first, then components that do not
@@ -26,10 +28,11 @@ and every step hands it new gradients.  Running it on another batch's tensors
 is the same.  The inputs' shapes, strides, dtypes, devices, ``requires_grad``
 and which of them share storage are part of a batch's key.
 
-Nothing is split (``None``) where a graph has symbolic inputs or returns a
-value, where nodes the lowering did not emit read what the lowered nodes
-compute, or touch (or change global state) after lowered nodes that touch the
-same tensors, or where nothing repeats.
+Nothing is split (``None``) where a graph has inputs that are not tensors or
+returns a value; where nodes the lowering did not emit (other than the scalar
+math above) read what the lowered nodes compute, or are read by them, or
+touch (or change global state) after lowered nodes that touch the same
+tensors; or where nothing repeats.
 """
 
 from __future__ import annotations
@@ -210,6 +213,17 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
     # Inputs are compared by storage: two views of one tensor are one input here.
     storage = {leaf: _storage(value) for leaf, value in leaves.items()}
     written = {storage[a] for n in calls if _writes(n) for a in n.all_input_nodes if a in leaves}
+    # Scalar math on shared read-only inputs (a scheduled hyperparameter's float64 tensor, read with
+    # .item()) goes, copied, into every component that reads it, and ties no components together.
+    scalars: set[torch.fx.Node] = set()
+    for node in calls:
+        if node in lowered_set or _writes(node) or not node.all_input_nodes or not _is_scalar(node):
+            continue
+        if all(
+            a in scalars or (a in leaves and leaves[a].dim() == 0 and storage[a] not in written)
+            for a in node.all_input_nodes
+        ):
+            scalars.add(node)
     components = _Components()
     by_storage: dict[StorageWeakRef, torch.fx.Node] = {}
     for node in lowered:
@@ -217,6 +231,8 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
         for arg in node.all_input_nodes:
             if arg in lowered_set:
                 components.union(node, arg)
+            elif arg in scalars:
+                continue
             elif arg not in leaves:
                 return None  # reads a prologue value: the prologue would have to be split too
             elif leaves[arg].dim() > 0 or storage[arg] in written:
@@ -232,6 +248,10 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
         if node in lowered_set:
             seen |= touched
             continue
+        if node in scalars:
+            continue
+        if any(a in scalars for a in node.all_input_nodes):
+            return None  # the prologue would need the scalar math too
         if _lane_split(node, leaves):
             by_root: dict[torch.fx.Node, list[int]] = {}
             for i, entry in enumerate(node.args[0]):
@@ -259,7 +279,30 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
         return None  # a moved entry is also touched by the prologue: keep their order
     for node in lowered:
         groups.setdefault(components.find(node), []).append(node)
-    return prologue, [[*lanes.get(root, []), *nodes] for root, nodes in groups.items()]
+    order = {n: i for i, n in enumerate(calls)}
+    return prologue, [
+        [*lanes.get(root, []), *sorted(_scalar_inputs(nodes, scalars), key=order.__getitem__), *nodes]
+        for root, nodes in groups.items()
+    ]
+
+
+def _is_scalar(node: torch.fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0
+    return isinstance(value, (bool, int, float, torch.SymBool, torch.SymInt, torch.SymFloat))
+
+
+def _scalar_inputs(nodes: list[torch.fx.Node], scalars: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The scalar-math nodes that ``nodes`` read, directly or through each other."""
+    needed: set[torch.fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes if a in scalars]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(a for a in node.all_input_nodes if a in scalars)
+    return needed
 
 
 def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Compile) -> Any | None:
@@ -287,13 +330,15 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
         per_piece = max(1, PIECE_NODES // len(same[0].nodes))
         full = len(same) // per_piece if len(same) >= 2 * per_piece else 0
         for b in range(full):
-            batches.append(_Piece([n for p in same[b * per_piece : (b + 1) * per_piece] for n in p.nodes], leaves))
+            # dict.fromkeys: the scalar math that several components copied, once per batch.
+            nodes = dict.fromkeys(n for p in same[b * per_piece : (b + 1) * per_piece] for n in p.nodes)
+            batches.append(_Piece(list(nodes), leaves))
         for piece in same[full * per_piece :]:
             rest.extend(piece.nodes)
     if not batches:
         return None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pieces = [_Piece(rest, leaves)] if rest else []
+    pieces = [_Piece(list(dict.fromkeys(rest)), leaves)] if rest else []
     pieces += sorted(batches, key=lambda p: order[_first_node(p.nodes)])
     compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
     calls = []

@@ -151,3 +151,26 @@ def test_pieces_off(dp):
         p.grad = torch.ones_like(p)
     torch.compile(opt.step, backend=fxmesh.backend(compiler="aot_eager", pieces=False))()
     assert counters["fxmesh"]["local_shard_graphs"] == 1 and counters["fxmesh"]["pieces"] == 0
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_a_scheduled_lr_is_copied_into_every_piece(dp, compiler, monkeypatch):
+    """A float lr changed every step (Dynamo recompiles once with it symbolic): the recompiled step splits too.
+
+    The lr then enters as a float64 tensor read with ``.item()``; that scalar math is copied into each piece.
+    """
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    params = _params([dp], 32, [(4, 4)])
+    ref, ref_opt = _reference(params, torch.optim.AdamW, lr=1e-2)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    step = torch.compile(opt.step, backend=fxmesh.backend(compiler=compiler))
+
+    def scheduled_step():
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"] *= 0.9
+        step()
+
+    _step_and_compare(params, opt, ref_opt, ref, scheduled_step, steps=4)
+    # Two compiles (the constant lr, then the symbolic one), two pieces each, one compile of a piece each.
+    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 2
