@@ -217,7 +217,7 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
     # .item()) goes, copied, into every component that reads it, and ties no components together.
     scalars: set[torch.fx.Node] = set()
     for node in calls:
-        if node in lowered_set or _writes(node) or not node.all_input_nodes or not _is_scalar(node):
+        if node in lowered_set or not _copyable(node) or not node.all_input_nodes or not _is_scalar(node):
             continue
         if all(
             a in scalars or (a in leaves and leaves[a].dim() == 0 and storage[a] not in written)
@@ -284,6 +284,20 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
         [*lanes.get(root, []), *sorted(_scalar_inputs(nodes, scalars), key=order.__getitem__), *nodes]
         for root, nodes in groups.items()
     ]
+
+
+# What scalar math may be copied into several pieces: deterministic and writing nothing.  Enough for
+# fxmesh.lowering's float64 tensor of a symbolic hyperparameter (``zeros_like(t) + t.item()``).
+_COPYABLE_FUNCTIONS = frozenset(
+    {operator.add, operator.sub, operator.mul, operator.truediv, torch.zeros_like, torch.ones_like, torch.full_like}
+)
+_COPYABLE_METHODS = frozenset({"item", "to"})
+
+
+def _copyable(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _COPYABLE_METHODS
+    return node.op == "call_function" and node.target in _COPYABLE_FUNCTIONS
 
 
 def _is_scalar(node: torch.fx.Node) -> bool:
