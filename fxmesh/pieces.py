@@ -131,7 +131,9 @@ class _Piece:
             for arg in node.all_input_nodes:
                 if arg in leaves:
                     inputs.setdefault(arg)
-        self.inputs = list(inputs)
+        # The frame's inputs first, then attribute tensors: a call passes the ones by index, the
+        # others as they were captured.
+        self.inputs = sorted(inputs, key=lambda n: n.op != "placeholder")
         self.values = [leaves[n] for n in self.inputs]
 
     def build(self) -> tuple[torch.fx.GraphModule, str]:
@@ -165,7 +167,7 @@ class _Piece:
     def key(self, code: str) -> tuple[Any, ...]:
         storages: dict[StorageWeakRef, int] = {}
         aliases = tuple(storages.setdefault(_storage(v), i) for i, v in enumerate(self.values))
-        return code, tuple(_metadata(v) for v in self.values), aliases
+        return code, tuple(n.op for n in self.inputs), tuple(_metadata(v) for v in self.values), aliases
 
 
 def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
@@ -373,15 +375,16 @@ class _Pieces:
 
     def __init__(self, gm: torch.fx.GraphModule, calls: list[tuple[Callable[..., Any], list[torch.fx.Node]]]) -> None:
         placeholders = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
-        attrs = {n: operator.attrgetter(n.target)(gm) for n in gm.graph.find_nodes(op="get_attr")}
-        # Per input: an index into the call's arguments, or the attribute tensor itself.
-        self.calls = [
-            (fn, [(placeholders[n], None) if n in placeholders else (None, attrs[n]) for n in inputs])
-            for fn, inputs in calls
-        ]
+        self.calls = []
+        for fn, inputs in calls:
+            index = [placeholders[n] for n in inputs if n in placeholders]
+            attrs = tuple(operator.attrgetter(n.target)(gm) for n in inputs if n not in placeholders)
+            # itemgetter of one index returns the item, not a tuple.
+            pick = operator.itemgetter(*index) if len(index) > 1 else lambda args, i=tuple(index): [args[j] for j in i]
+            self.calls.append((fn, pick, attrs))
         self.result = gm.graph.output_node().args[0]  # no nodes in it (see _split)
 
     def __call__(self, *args: Any) -> Any:
-        for fn, inputs in self.calls:
-            fn(*[args[i] if i is not None else value for i, value in inputs])
+        for fn, pick, attrs in self.calls:
+            fn(*pick(args), *attrs)
         return self.result
