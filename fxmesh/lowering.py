@@ -28,6 +28,7 @@ __all__ = [
     "OPMATH",
     "TABLE_ROWS",
     "Emit",
+    "LOWERED_META",
     "Hyper",
     "check_entry",
     "divided",
@@ -64,6 +65,9 @@ Emit = Callable[[FusedOp, dict[str, Any], Callable[[Any], Any]], None]
 # grew quadratically with the parameters; one kernel computes each table.
 TABLE_ROWS = 16
 
+
+# Node metadata naming the fused call a lowered node was emitted for.
+LOWERED_META = "fxmesh_lowered_from"
 
 # A hyperparameter as the emitters get it: a constant float, or a 0-dim tensor
 # (a tensor lr, or a float that Dynamo made symbolic, as a float64 tensor).
@@ -320,7 +324,7 @@ def lower_fused_calls(
         cursor = before.next
         while cursor is not node:
             propagate_example_value(cursor, fake_mode)
-            cursor.meta["fxmesh_lowered_from"] = node.name
+            cursor.meta[LOWERED_META] = node.name
             cursor = cursor.next
         graph.erase_node(node)
         counters["fxmesh"]["lowered_nodes"] += 1

@@ -47,6 +47,8 @@ import torch.fx
 from torch._dynamo.utils import counters
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from fxmesh.lowering import LOWERED_META
+
 __all__ = ["PIECE_NODES", "compile_in_pieces"]
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,6 @@ log = logging.getLogger(__name__)
 # Nodes per batch: fewer pieces cost less per call (each is a compiled call,
 # about 20 us on a CPU), smaller ones repeat more often.
 PIECE_NODES = 2048
-
-_LOWERED = "fxmesh_lowered_from"
 
 Compile = Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]
 
@@ -85,7 +85,8 @@ def _writes(node: torch.fx.Node) -> bool:
         return node.target._schema.is_mutable
     if node.target is operator.setitem:
         return True
-    name = getattr(node.target, "__name__", "")
+    # An fxmesh.ops stand-in is named for the op it stands for.
+    name = getattr(getattr(node.target, "wrapped_op", node.target), "__name__", "")
     return name.endswith("_") and not name.endswith("__")
 
 
@@ -208,7 +209,7 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
     if graph.output_node().all_input_nodes:
         return None
     calls = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
-    lowered = [n for n in calls if _LOWERED in n.meta]
+    lowered = [n for n in calls if LOWERED_META in n.meta]
     if not lowered:
         return None
     lowered_set = set(lowered)

@@ -18,7 +18,7 @@ from tests.helpers import DEVICE, FP32_RTOL, assert_rel_close, dtensor_params
 pieces_module = importlib.import_module("fxmesh.pieces")
 
 
-def _lowered(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+def _lowered(node: torch.fx.Node) -> torch.fx.Node:
     """``node``, marked as emitted by fxmesh's lowering."""
     node.meta["fxmesh_lowered_from"] = "fused"
     return node
@@ -35,9 +35,9 @@ def _graph(shared_scalar_written: bool) -> tuple[torch.fx.GraphModule, list[torc
     graph = torch.fx.Graph()
     a, b, s = (graph.placeholder(n) for n in "abs")
     for x in (a, b):
-        _lowered(graph, graph.call_method("copy_", (x, _lowered(graph, graph.call_function(operator.mul, (x, s))))))
+        _lowered(graph.call_method("copy_", (x, _lowered(graph.call_function(operator.mul, (x, s))))))
     if shared_scalar_written:
-        _lowered(graph, graph.call_method("add_", (s, 1)))
+        _lowered(graph.call_method("add_", (s, 1)))
     graph.output(())
     return torch.fx.GraphModule(torch.nn.Module(), graph), [torch.ones(4), torch.ones(4), torch.tensor(2.0)]
 
@@ -71,7 +71,7 @@ def test_a_prologue_after_the_lowered_nodes_it_shares_a_tensor_with_keeps_the_gr
     graph = torch.fx.Graph()
     a, b = graph.placeholder("a"), graph.placeholder("b")
     for x in (a, b):
-        _lowered(graph, graph.call_method("copy_", (x, _lowered(graph, graph.call_function(operator.mul, (x, 2.0))))))
+        _lowered(graph.call_method("copy_", (x, _lowered(graph.call_function(operator.mul, (x, 2.0))))))
     graph.call_method("add_", (a, 1.0))
     graph.output(())
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
