@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The checks a GPU session runs (results go to bench/RESULTS.md).  Stages, in the order given:
-#   overhead  100 tensors of 64x64 on three meshes, with a profiler table of each variant's step:
-#             in GPU run 2 fxmesh was slower than eager fused here (200 tensors, 7.62 against
-#             4.14 ms) for a reason the timings alone did not show
+#   overhead  100 tensors of 64x64 on three meshes, with a profiler table and a Chrome trace
+#             (traces.tgz) of each variant's step: in GPU run 2 fxmesh was slower than eager
+#             fused here (200 tensors, 7.62 against 4.14 ms) for a reason the timings alone did
+#             not show
 #   tests     the end-to-end tests on CUDA with Inductor's combo kernels on (Triton kernels;
-#             test_foreach adds the capturable cases there); in GPU run 2 (without combo
-#             kernels) 73 of them ran and every parity check passed; most of test_clip was not
-#             reached
-#   moe       the moe-shard benchmark: combo kernels (with their error against eager), clipping,
-#             then fxmesh without combo kernels (measured in GPU run 2; last, where the stage
-#             limit may cut it)
+#             test_foreach adds the capturable cases there, test_pieces the compiled pieces)
+#   moe       the moe-shard benchmark: combo kernels in pieces (the default) and as one graph,
+#             then fxmesh without combo kernels (last, where the stage limit may cut it)
+#   clip      clipping + step compiled together against eager clipping (never reached on a GPU)
 #   moe_bf16  the same in bf16 (never measured on a GPU): eager fused, on plain tensors, combo kernels
+#   overhead1000  the issue's 1000-tensor overhead workload: plain eager fused, combo kernels, eager fused
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
-# Default: overhead tests (about 450 s: one device call); then `bash bench/device_check.sh moe
-# moe_bf16` (about 330 s) as a second call while the machine is warm.  Logs land in $OUT.
+# Default: overhead tests moe (about 570 s: one device call); then `bash bench/device_check.sh
+# moe_bf16 clip` as a second call while the machine is warm, as far as the session's device time
+# allows.  Logs land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
 # stage cut off by its timeout still reports what it finished.
 set -uo pipefail
@@ -32,7 +33,7 @@ bench() {  # name timeout args...
     grep -E "^\[[a-z_]+\] median|\|" "$OUT/$name.txt" | tail -n 14
 }
 
-for stage in "${@:-overhead tests}"; do
+for stage in "${@:-overhead tests moe}"; do
     for s in $stage; do
         case $s in
         probe) python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn ;;
@@ -40,7 +41,7 @@ for stage in "${@:-overhead tests}"; do
             start=$SECONDS
             # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core).
             FXMESH_TEST_DEVICE=cuda FXMESH_TEST_COMBO_KERNELS=1 TORCHINDUCTOR_COMPILE_THREADS=4 \
-                timeout ${TEST_TIMEOUT:-250} \
+                timeout ${TEST_TIMEOUT:-210} \
                 python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
                 tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
                 tests/test_train_step.py tests/test_clip.py tests/test_local.py tests/test_pieces.py \
@@ -49,12 +50,19 @@ for stage in "${@:-overhead tests}"; do
             echo "passed $(grep -c ' PASSED ' "$OUT/tests_cuda.log"), failed $(grep -c -E ' (FAILED|ERROR) ' "$OUT/tests_cuda.log")"
             grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16
             ;;
-        moe) bench moe_shard "${BENCH_TIMEOUT:-230}" --workload moe-shard \
-            --variants eager_fused,fxmesh_combo,eager_fused_plain,eager_clip,fxmesh_clip,fxmesh ;;
+        moe) bench moe_shard "${BENCH_TIMEOUT:-190}" --workload moe-shard \
+            --variants eager_fused,fxmesh_combo,eager_fused_plain,fxmesh_combo_whole,fxmesh ;;
+        clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip ;;
+        overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-150}" --workload overhead \
+            --variants eager_fused_plain,fxmesh_combo,eager_fused ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
             --variants eager_fused,eager_fused_plain,fxmesh_combo ;;
-        overhead) bench overhead "${OVERHEAD_TIMEOUT:-200}" --workload overhead --tensors 100 \
-            --profile --trace-dir "$OUT/traces" --variants eager_fused,eager_fused_plain,fxmesh_combo,fxmesh_cudagraphs,fxmesh ;;
+        overhead)
+            bench overhead "${OVERHEAD_TIMEOUT:-160}" --workload overhead --tensors 100 --profile \
+                --trace-dir "$OUT/traces" --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_combo,fxmesh_cudagraphs
+            # $OUT brings back 8 files at most: the traces travel as one archive.
+            tar czf "$OUT/traces.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
+            ;;
         *) echo "unknown stage $s" ;;
         esac
     done

@@ -14,8 +14,10 @@ Variants:
   torch_compile_foreach  the same with foreach=True (the path upstream compiles)
   torch_compile_foreach_plain  upstream compiled foreach over plain tensors (compile-time reference)
   fxmesh             torch.compile(opt.step, backend="fxmesh")
-  fxmesh_combo       the same with fxmesh.backend(combo_kernels=True) (GPU: fewer, larger launches)
-  fxmesh_cudagraphs  the same with fxmesh.backend(cudagraphs=True) (GPU)
+  fxmesh_whole       fxmesh.backend(pieces=False): the step compiled as one graph, not in pieces
+  fxmesh_combo       fxmesh.backend(combo_kernels=True) (GPU: fewer, larger launches)
+  fxmesh_combo_whole combo kernels, one graph (pieces=False)
+  fxmesh_cudagraphs  fxmesh.backend(cudagraphs=True) (GPU)
   fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
@@ -70,7 +72,9 @@ VARIANTS = (
     "torch_compile_foreach",
     "torch_compile_foreach_plain",
     "fxmesh",
+    "fxmesh_whole",
     "fxmesh_combo",
+    "fxmesh_combo_whole",
     "fxmesh_cudagraphs",
     "fxmesh_skip_spec_guards",
     "eager_clip",
@@ -78,11 +82,14 @@ VARIANTS = (
 )
 CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
 
-# fxmesh.backend options of the GPU-only fxmesh variants.
-GPU_VARIANT_BACKEND = {
+# fxmesh.backend options of the fxmesh variants that differ from the default backend by options.
+VARIANT_BACKEND = {
+    "fxmesh_whole": {"pieces": False},
     "fxmesh_combo": {"combo_kernels": True},
+    "fxmesh_combo_whole": {"combo_kernels": True, "pieces": False},
     "fxmesh_cudagraphs": {"cudagraphs": True},
 }
+GPU_ONLY = ("fxmesh_combo", "fxmesh_combo_whole", "fxmesh_cudagraphs")
 
 
 @dataclasses.dataclass
@@ -330,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                 opt.step()
 
             return compiled_clip_and_step, True, ps
-        if variant in GPU_VARIANT_BACKEND:
-            if dev != "cuda":
+        if variant in VARIANT_BACKEND:
+            if variant in GPU_ONLY and dev != "cuda":
                 raise RuntimeError("GPU only")
-            backend = fxmesh.backend(**GPU_VARIANT_BACKEND[variant])
+            backend = fxmesh.backend(**VARIANT_BACKEND[variant])
             return torch.compile(optimizer(ps, fused=True).step, backend=backend), True, ps
         raise AssertionError(variant)
 
