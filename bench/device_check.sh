@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The checks a GPU session runs (results go to bench/RESULTS.md).  Stages, in the order given:
 #   overhead  100 tensors of 64x64 on three meshes, with a profiler table and a Chrome trace
-#             (traces.tgz) of each variant's step: in GPU run 2 fxmesh was slower than eager
-#             fused here (200 tensors, 7.62 against 4.14 ms) for a reason the timings alone did
-#             not show
-#   tests     the end-to-end tests on CUDA with Inductor's combo kernels on (Triton kernels;
-#             test_foreach adds the capturable cases there, test_pieces the compiled pieces)
-#   moe       the moe-shard benchmark: combo kernels in pieces (the default) and as one graph,
-#             then fxmesh without combo kernels (last, where the stage limit may cut it)
-#   clip      clipping + step compiled together against eager clipping (never reached on a GPU)
-#   moe_bf16  the same in bf16 (never measured on a GPU): eager fused, on plain tensors, combo kernels
-#   overhead1000  the issue's 1000-tensor overhead workload: plain eager fused, combo kernels, eager fused
+#             (traces.tgz) of each variant's step (GPU run 3: the host bounds it; each Triton
+#             launch costs the host 10-60 us, more for combo kernels with many arguments)
+#   tests     the end-to-end tests on CUDA (combo kernels by default; test_foreach adds the
+#             capturable cases there, test_pieces the compiled pieces); test_clip first, since
+#             GPU run 3's 210 s reached 87 of 106 tests (all passed) but only 2 of test_clip's 17
+#   moe       the moe-shard benchmark: fxmesh (pieces, combo kernels), as one graph, and without
+#             combo kernels (last, where the stage limit may cut it)
+#   clip      clipping + step compiled together against eager clipping (GPU run 3: the
+#             one-graph compile did not finish in 115 s)
+#   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh
+#   overhead1000  the issue's 1000-tensor overhead workload: plain eager fused, fxmesh, eager fused
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
-# Default: overhead tests moe (about 570 s: one device call); then `bash bench/device_check.sh
-# moe_bf16 clip` as a second call while the machine is warm, as far as the session's device time
-# allows.  Logs land in $OUT (8 files come back at most).
+# Default: overhead tests moe (about 450-570 s: one device call); then `bash bench/device_check.sh
+# moe_bf16 overhead1000` (about 150 s) as a second call while the machine is warm, and `clip` as
+# far as the session's device time allows.  Logs land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
 # stage cut off by its timeout still reports what it finished.
 set -uo pipefail
@@ -40,26 +41,26 @@ for stage in "${@:-overhead tests moe}"; do
         tests)
             start=$SECONDS
             # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core).
-            FXMESH_TEST_DEVICE=cuda FXMESH_TEST_COMBO_KERNELS=1 TORCHINDUCTOR_COMPILE_THREADS=4 \
+            FXMESH_TEST_DEVICE=cuda TORCHINDUCTOR_COMPILE_THREADS=4 \
                 timeout ${TEST_TIMEOUT:-210} \
                 python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
-                tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
-                tests/test_train_step.py tests/test_clip.py tests/test_local.py tests/test_pieces.py \
+                tests/test_clip.py tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
+                tests/test_train_step.py tests/test_local.py tests/test_pieces.py \
                 >"$OUT/tests_cuda.log" 2>&1
-            echo "cuda tests (combo kernels): rc=$? in $((SECONDS - start)) s"
+            echo "cuda tests: rc=$? in $((SECONDS - start)) s"
             echo "passed $(grep -c ' PASSED ' "$OUT/tests_cuda.log"), failed $(grep -c -E ' (FAILED|ERROR) ' "$OUT/tests_cuda.log")"
             grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16
             ;;
         moe) bench moe_shard "${BENCH_TIMEOUT:-190}" --workload moe-shard \
-            --variants eager_fused,fxmesh_combo,eager_fused_plain,fxmesh_combo_whole,fxmesh ;;
+            --variants eager_fused,fxmesh,eager_fused_plain,fxmesh_whole,fxmesh_no_combo ;;
         clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip ;;
         overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-150}" --workload overhead \
-            --variants eager_fused_plain,fxmesh_combo,eager_fused ;;
+            --variants eager_fused_plain,fxmesh,eager_fused ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
-            --variants eager_fused,eager_fused_plain,fxmesh_combo ;;
+            --variants eager_fused,eager_fused_plain,fxmesh ;;
         overhead)
             bench overhead "${OVERHEAD_TIMEOUT:-160}" --workload overhead --tensors 100 --profile \
-                --trace-dir "$OUT/traces" --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_combo,fxmesh_cudagraphs
+                --trace-dir "$OUT/traces" --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_no_combo,fxmesh_cudagraphs
             # $OUT brings back 8 files at most: the traces travel as one archive.
             tar czf "$OUT/traces.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
             ;;

@@ -13,10 +13,9 @@ Variants:
   torch_compile      upstream torch.compile(opt.step) of the fused optimizer, default backend
   torch_compile_foreach  the same with foreach=True (the path upstream compiles)
   torch_compile_foreach_plain  upstream compiled foreach over plain tensors (compile-time reference)
-  fxmesh             torch.compile(opt.step, backend="fxmesh")
+  fxmesh             torch.compile(opt.step, backend="fxmesh") (on CUDA with combo kernels)
   fxmesh_whole       fxmesh.backend(pieces=False): the step compiled as one graph, not in pieces
-  fxmesh_combo       fxmesh.backend(combo_kernels=True) (GPU: fewer, larger launches)
-  fxmesh_combo_whole combo kernels, one graph (pieces=False)
+  fxmesh_no_combo    fxmesh.backend(combo_kernels=False) (GPU: a launch per parameter)
   fxmesh_cudagraphs  fxmesh.backend(cudagraphs=True) (GPU)
   fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
@@ -73,8 +72,7 @@ VARIANTS = (
     "torch_compile_foreach_plain",
     "fxmesh",
     "fxmesh_whole",
-    "fxmesh_combo",
-    "fxmesh_combo_whole",
+    "fxmesh_no_combo",
     "fxmesh_cudagraphs",
     "fxmesh_skip_spec_guards",
     "eager_clip",
@@ -85,11 +83,10 @@ CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
 # fxmesh.backend options of the fxmesh variants that differ from the default backend by options.
 VARIANT_BACKEND = {
     "fxmesh_whole": {"pieces": False},
-    "fxmesh_combo": {"combo_kernels": True},
-    "fxmesh_combo_whole": {"combo_kernels": True, "pieces": False},
+    "fxmesh_no_combo": {"combo_kernels": False},
     "fxmesh_cudagraphs": {"cudagraphs": True},
 }
-GPU_ONLY = ("fxmesh_combo", "fxmesh_combo_whole", "fxmesh_cudagraphs")
+GPU_ONLY = ("fxmesh_no_combo", "fxmesh_cudagraphs")
 
 
 @dataclasses.dataclass

@@ -1,14 +1,11 @@
 """Fixtures: a single-process fake process group of world size 8 and the three test meshes.
 
 ``dp`` (8,), ``ep`` (2, 4) named (dp_mod_ep, ep), ``tp`` (4, 2) named (dp_shard, tp),
-on the CPU unless ``FXMESH_TEST_DEVICE`` names another device type.  ``FXMESH_TEST_COMBO_KERNELS=1``
-turns Inductor's combo kernels on for every compile (what ``fxmesh.backend(combo_kernels=True)``
-does), so that the CUDA tests can check them.
+on the CPU unless ``FXMESH_TEST_DEVICE`` names another device type (on CUDA, fxmesh's graphs get
+Inductor's combo kernels by default).
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -19,9 +16,6 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from tests.helpers import DEVICE
 
 WORLD_SIZE = 8
-
-if os.environ.get("FXMESH_TEST_COMBO_KERNELS") == "1":
-    torch._inductor.config.combo_kernels = True
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import fxmesh
@@ -71,16 +72,26 @@ def test_cudagraphs_option(meshes):
 
 
 def test_combo_kernels_option(meshes):
-    """``combo_kernels=True`` turns on Inductor's combo kernels for the step: on CUDA the seven parameters'
-    updates share launches, on the CPU (C++ kernels, no combo kernels) it runs as without; the numbers match
-    eager either way."""
-    backend = fxmesh.backend(combo_kernels=True)
-    assert backend.inductor_config["combo_kernels"] is True
-    assert "combo_kernels" not in fxmesh.backend().inductor_config  # off: Inductor's own setting stands
+    """Combo kernels (Inductor puts independent kernels into shared launches) are on by default for graphs on
+    CUDA and left to Inductor's own setting elsewhere; ``combo_kernels=True/False`` or ``inductor_config`` say
+    otherwise everywhere.  On CUDA the default step's seven parameter updates share launches; on the CPU (C++
+    kernels, no combo kernels) it runs as without; the numbers match eager either way."""
+    with FakeTensorMode():
+        on_cuda, on_cpu = [torch.empty(2, device="cuda")], [torch.empty(2, device="cpu")]
+    default = fxmesh.backend()
+    assert default.inductor_config_for(on_cuda)["combo_kernels"] is True
+    assert "combo_kernels" not in default.inductor_config_for(on_cpu)  # Inductor's own setting stands
+    for backend, on in (
+        (fxmesh.backend(combo_kernels=True), True),
+        (fxmesh.backend(combo_kernels=False), False),
+        (fxmesh.backend(inductor_config={"combo_kernels": False}), False),
+    ):
+        assert backend.inductor_config_for(on_cuda)["combo_kernels"] is on
+        assert backend.inductor_config_for(on_cpu)["combo_kernels"] is on
     _, _, code = run_parity(
         lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True),
         dtensor_params(meshes),
-        backend=backend,
+        backend=default,
     )
     assert counters["fxmesh"]["local_shard_graphs"] == 1
     if DEVICE == "cuda":
