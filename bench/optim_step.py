@@ -21,6 +21,7 @@ Variants:
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
   fxmesh_clip        torch.nn.utils.clip_grad_norm_ + opt.step() compiled with fxmesh as one graph
+  fxmesh_clip_whole  the same with fxmesh.backend(pieces=False)
 
 Workloads (--workload): moe-shard, one rank's shard of a MoE model (200 tensors of 1024x1280,
 262M fp32 params, dense weights on `dp` and experts on `ep`; --scale scales the rows, 0.01 on
@@ -77,8 +78,9 @@ VARIANTS = (
     "fxmesh_skip_spec_guards",
     "eager_clip",
     "fxmesh_clip",
+    "fxmesh_clip_whole",
 )
-CLIP_VARIANTS = ("eager_clip", "fxmesh_clip")
+CLIP_VARIANTS = ("eager_clip", "fxmesh_clip", "fxmesh_clip_whole")
 
 # fxmesh.backend options of the fxmesh variants that differ from the default backend by options.
 VARIANT_BACKEND = {
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 return clip_and_step, False, ps
 
-            @torch.compile(backend="fxmesh")
+            @torch.compile(backend=fxmesh.backend(pieces=variant != "fxmesh_clip_whole"))
             def compiled_clip_and_step():
                 torch.nn.utils.clip_grad_norm_(ps, 1.0)
                 opt.step()
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             row.speedup = base / row.median_ms
     eager_clip = next((r.median_ms for r in rows if r.variant == "eager_clip" and r.median_ms), None)
     for row in rows:
-        if row.variant == "fxmesh_clip" and row.median_ms and eager_clip:
+        if row.variant in ("fxmesh_clip", "fxmesh_clip_whole") and row.median_ms and eager_clip:
             row.note = f"{eager_clip / row.median_ms:.2f}x eager_clip" + (f"; {row.note}" if row.note else "")
 
     if dev == "cuda":

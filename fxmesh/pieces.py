@@ -22,6 +22,14 @@ that repeats is compiled once and called with every such batch's tensors.
 The rest (nodes the lowering did not emit first, then components that do not
 repeat) is one more piece, run first.
 
+Clipping compiled with the step splits too: the gradients' norm and the clip
+coefficient are that first piece, which returns the coefficient (any 0-dim
+value it computes that the components read) and the graph's outputs (the
+norm); each component takes its entries of ``torch._foreach_mul_(grads,
+coef)``, so the product stays fused into its update.  The grad-mode switches
+around a ``no_grad`` function are left out where the graph ends in the mode
+it started in: fxmesh runs these graphs under ``no_grad``.
+
 A compiled graph already runs on any inputs of the metadata it was compiled
 for: Dynamo's guards pin shapes, strides, dtypes and aliasing, not addresses,
 and every step hands it new gradients.  Running it on another batch's tensors
@@ -29,10 +37,11 @@ is the same.  The inputs' shapes, strides, dtypes, devices, ``requires_grad``
 and which of them share storage are part of a batch's key.
 
 Nothing is split (``None``) where a graph has inputs that are not tensors or
-returns a value; where nodes the lowering did not emit (other than the scalar
-math above) read what the lowered nodes compute, or are read by them, or
-touch (or change global state) after lowered nodes that touch the same
-tensors; or where nothing repeats.
+returns a value the first piece does not compute; where nodes the lowering did
+not emit (other than the scalar math above) read what the lowered nodes
+compute, or are read by them other than as 0-dim values, or touch (or change
+global state) after lowered nodes that touch the same tensors; or where
+nothing repeats.
 """
 
 from __future__ import annotations
@@ -122,20 +131,35 @@ def _first_node(nodes: list[torch.fx.Node | _Lanes]) -> torch.fx.Node:
     return next(n for n in nodes if not isinstance(n, _Lanes))
 
 
-class _Piece:
-    """Some components' nodes (and foreach lanes), in graph order, and the graph inputs they read."""
+# A piece's inputs: the frame's inputs, then attribute tensors, then values the prologue computed.
+_INPUT_ORDER = {"placeholder": 0, "get_attr": 1}
 
-    def __init__(self, nodes: list[torch.fx.Node | _Lanes], leaves: dict[torch.fx.Node, Any]) -> None:
+
+class _Piece:
+    """Some components' nodes (and foreach lanes), in graph order, and the inputs they read.
+
+    ``sources`` holds the graph inputs and the values the prologue passes on,
+    each with its example value; ``outputs`` are the values the piece returns.
+    """
+
+    def __init__(
+        self,
+        nodes: list[torch.fx.Node | _Lanes],
+        sources: dict[torch.fx.Node, Any],
+        outputs: Sequence[torch.fx.Node] = (),
+    ) -> None:
         self.nodes = nodes
+        own = set(nodes)
         inputs: dict[torch.fx.Node, None] = {}
         for node in nodes:
             for arg in node.all_input_nodes:
-                if arg in leaves:
+                if arg in sources and arg not in own:
                     inputs.setdefault(arg)
-        # The frame's inputs first, then attribute tensors: a call passes the ones by index, the
-        # others as they were captured.
-        self.inputs = sorted(inputs, key=lambda n: n.op != "placeholder")
-        self.values = [leaves[n] for n in self.inputs]
+        # A call passes the frame's inputs by index, attribute tensors as they were captured, and the
+        # prologue's values from its results.
+        self.inputs = sorted(inputs, key=lambda n: _INPUT_ORDER.get(n.op, 2))
+        self.values = [sources[n] for n in self.inputs]
+        self.outputs = list(outputs)
 
     def build(self) -> tuple[torch.fx.GraphModule, str]:
         """The piece as a graph module, and its computation (the code, with canonical input names)."""
@@ -161,7 +185,7 @@ class _Piece:
             kwargs = torch.fx.map_arg(old.kwargs, env.__getitem__)
             env[old] = graph.create_node(old.op, old.target, args, kwargs, name=f"v{i}", type_expr=old.type)
             env[old].meta.update(old.meta)
-        graph.output(())
+        graph.output(tuple(env[n] for n in self.outputs))
         gm = torch.fx.GraphModule(torch.nn.Module(), graph)
         return gm, gm.code
 
@@ -172,7 +196,11 @@ class _Piece:
 
 
 def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
-    """Whether ``node`` is an in-place foreach call over graph inputs whose entries can run apart."""
+    """Whether ``node`` is an in-place foreach call over graph inputs whose entries can run apart.
+
+    Its other arguments are constants or 0-dim values computed before it (the
+    clip coefficient of ``torch._foreach_mul_(grads, coef)``).
+    """
     name = getattr(node.target, "__name__", "")
     entries = node.args[0] if node.args else None
     return (
@@ -182,7 +210,7 @@ def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
         and not node.users
         and isinstance(entries, (list, tuple))
         and all(e in leaves for e in entries)
-        and all(n in entries for n in node.all_input_nodes)  # the other arguments are constants
+        and all(n in entries or (n not in leaves and _is_scalar(n)) for n in node.all_input_nodes)
     )
 
 
@@ -198,17 +226,42 @@ def _leaves(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[tor
     return leaves
 
 
-def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[list, list[list]] | None:
+class _Split:
+    """How a graph splits: the prologue, the lowered components, and what flows out of the prologue.
+
+    ``carried`` are the 0-dim values the prologue computes and components read
+    (the clip coefficient).  The graph's outputs are all prologue values too.
+    """
+
+    def __init__(self, prologue: list, components: list[list], carried: list[torch.fx.Node]) -> None:
+        self.prologue = prologue
+        self.components = components
+        self.carried = carried
+
+
+def _drops_grad_mode(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The ``_set_grad_enabled`` calls, where leaving them out changes nothing (else every such call).
+
+    A graph that sets grad mode ends by restoring the mode Dynamo guarded on
+    entry; fxmesh runs a local-shard graph, whatever its pieces, under no_grad.
+    """
+    calls = graph.find_nodes(op="call_function", target=torch._C._set_grad_enabled)
+    if calls and calls[-1].args != (torch.is_grad_enabled(),):
+        return set()
+    return set(calls)
+
+
+def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> _Split | None:
     """The prologue's nodes and the lowered components' nodes, or None where the graph does not split.
 
-    An in-place foreach call over graph inputs (the step counts' increment)
-    goes to the components, each getting the entries it reads, placed before
-    its own nodes; entries no lowered node reads stay in the prologue.
+    An in-place foreach call over graph inputs (the step counts' increment, the
+    clip coefficient's product with the gradients) goes to the components,
+    each getting the entries it reads, placed before its own nodes; entries no
+    lowered node reads stay in the prologue.
     """
     graph = gm.graph
-    if graph.output_node().all_input_nodes:
-        return None
-    calls = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    dropped = _drops_grad_mode(graph)
+    calls = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output") and n not in dropped]
     lowered = [n for n in calls if LOWERED_META in n.meta]
     if not lowered:
         return None
@@ -227,6 +280,8 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
             for a in node.all_input_nodes
         ):
             scalars.add(node)
+    # 0-dim values the prologue computes and the components read: passed to each piece that reads them.
+    carried: dict[torch.fx.Node, None] = {}
     components = _Components()
     by_storage: dict[StorageWeakRef, torch.fx.Node] = {}
     for node in lowered:
@@ -237,7 +292,9 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
             elif arg in scalars:
                 continue
             elif arg not in leaves:
-                return None  # reads a prologue value: the prologue would have to be split too
+                if arg in dropped or not _is_scalar(arg):
+                    return None  # reads a prologue tensor: the prologue would have to be split too
+                carried.setdefault(arg)
             elif leaves[arg].dim() > 0 or storage[arg] in written:
                 components.union(node, by_storage.setdefault(storage[arg], node))
     groups: dict[torch.fx.Node, list[torch.fx.Node | _Lanes]] = {}
@@ -245,7 +302,6 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
     prologue: list[torch.fx.Node | _Lanes] = []
     seen: set[StorageWeakRef] = set()  # touched by the lowered nodes so far
     moved: set[StorageWeakRef] = set()  # entries that go to the components
-    prologue_touched: set[StorageWeakRef] = set()
     for node in calls:
         touched = {storage[a] for a in node.all_input_nodes if a in leaves}
         if node in lowered_set:
@@ -253,8 +309,10 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
             continue
         if node in scalars:
             continue
-        if any(a in scalars for a in node.all_input_nodes):
+        if any(a in scalars or a in dropped for a in node.all_input_nodes):
             return None  # the prologue would need the scalar math too
+        if any(a in lowered_set for a in node.all_input_nodes):
+            return None  # a value of the lowered nodes: keep the graph whole
         if _lane_split(node, leaves):
             by_root: dict[torch.fx.Node, list[int]] = {}
             for i, entry in enumerate(node.args[0]):
@@ -265,28 +323,38 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> tuple[
             moving = {storage[node.args[0][i]] for idx in by_root.values() for i in idx}
             if moving & seen:
                 return None  # a lowered node read the entry before this call
-            moved |= moving
+            if by_root:
+                carried.update(dict.fromkeys(a for a in node.all_input_nodes if a not in leaves))
             kept = [i for i, entry in enumerate(node.args[0]) if storage[entry] not in moving]
+            # The prologue runs before the moved entries' new place, so nothing after this call in it
+            # may touch them (prologue nodes before it ran before it anyway).
+            moved |= moving
             touched = {storage[node.args[0][i]] for i in kept}
             if kept:
                 prologue.append(_Lanes(node, kept))
-        elif not touched or any(a in lowered_set for a in node.all_input_nodes):
-            return None  # global state (grad mode, say), or a value of the lowered nodes: keep the graph whole
+        elif not node.all_input_nodes:
+            return None  # global state: keep the graph whole
         else:
             prologue.append(node)
-        # The prologue runs first: it must not touch what lowered nodes before it touched.
-        if touched & seen:
+        # The prologue runs first: it must not touch what lowered nodes before it touched, nor entries
+        # moved to the components before it.
+        if touched & (seen | moved):
             return None
-        prologue_touched |= touched
-    if moved & prologue_touched:
-        return None  # a moved entry is also touched by the prologue: keep their order
+    outputs = graph.output_node().all_input_nodes
+    prologue_nodes = {n for n in prologue if not isinstance(n, _Lanes)}
+    if any(n not in prologue_nodes for n in outputs):
+        return None  # returns a value the prologue does not compute
     for node in lowered:
         groups.setdefault(components.find(node), []).append(node)
     order = {n: i for i, n in enumerate(calls)}
-    return prologue, [
-        [*lanes.get(root, []), *sorted(_scalar_inputs(nodes, scalars), key=order.__getitem__), *nodes]
-        for root, nodes in groups.items()
-    ]
+    return _Split(
+        prologue,
+        [
+            [*lanes.get(root, []), *sorted(_scalar_inputs(nodes, scalars), key=order.__getitem__), *nodes]
+            for root, nodes in groups.items()
+        ],
+        list(carried),
+    )
 
 
 # What scalar math may be copied into several pieces: deterministic and writing nothing.  Enough for
@@ -330,18 +398,18 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
     """
     leaves = _leaves(gm, example_inputs)
     split = _split(gm, leaves) if leaves is not None else None
-    if split is None:
+    if split is None or len(split.components) < 2:
         return None
-    prologue, components = split
-    if len(components) < 2:
+    sources = {**leaves, **{n: n.meta.get("example_value") for n in split.carried}}
+    if not all(isinstance(sources[n], torch.Tensor) for n in split.carried):
         return None
     by_key: dict[tuple[Any, ...], list[_Piece]] = {}
-    for nodes in components:
-        piece = _Piece(nodes, leaves)
+    for nodes in split.components:
+        piece = _Piece(nodes, sources)
         by_key.setdefault(piece.key(piece.build()[1]), []).append(piece)
     # A computation repeated in at least two full batches is compiled once for all of them; everything
     # else (the prologue first) is one more piece, so a step with nothing repeated stays one graph.
-    rest: list[torch.fx.Node | _Lanes] = list(prologue)
+    rest: list[torch.fx.Node | _Lanes] = list(split.prologue)
     batches = []
     for same in by_key.values():
         per_piece = max(1, PIECE_NODES // len(same[0].nodes))
@@ -349,14 +417,17 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
         for b in range(full):
             # dict.fromkeys: the scalar math that several components copied, once per batch.
             nodes = dict.fromkeys(n for p in same[b * per_piece : (b + 1) * per_piece] for n in p.nodes)
-            batches.append(_Piece(list(nodes), leaves))
+            batches.append(_Piece(list(nodes), sources))
         for piece in same[full * per_piece :]:
             rest.extend(piece.nodes)
     if not batches:
         return None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    pieces = [_Piece(list(dict.fromkeys(rest)), leaves)] if rest else []
-    pieces += sorted(batches, key=lambda p: order[_first_node(p.nodes)])
+    graph_outputs = gm.graph.output_node().all_input_nodes
+    # The first piece (the prologue, then the components that do not repeat) returns what the others
+    # read of it and the graph's outputs.
+    first = [_Piece(list(dict.fromkeys(rest)), sources, [*split.carried, *graph_outputs])] if rest else []
+    pieces = first + sorted(batches, key=lambda p: order[_first_node(p.nodes)])
     compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
     calls = []
     for piece in pieces:
@@ -368,24 +439,48 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
     counters["fxmesh"]["pieces"] += len(pieces)
     counters["fxmesh"]["piece_compiles"] += len(compiled)
     log.debug("fxmesh: %d pieces, %d compiled", len(pieces), len(compiled))
-    return _Pieces(gm, calls)
+    return _Pieces(gm, calls, split.carried if first else [])
 
 
 class _Pieces:
-    """Calls each piece's compiled graph with that piece's inputs, in order."""
+    """Calls each piece's compiled graph with that piece's inputs, in order.
 
-    def __init__(self, gm: torch.fx.GraphModule, calls: list[tuple[Callable[..., Any], list[torch.fx.Node]]]) -> None:
+    Where the first piece computes values for the others (``carried``), it
+    returns them, then the graph's outputs.
+    """
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        calls: list[tuple[Callable[..., Any], list[torch.fx.Node]]],
+        carried: list[torch.fx.Node],
+    ) -> None:
         placeholders = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        position = {n: i for i, n in enumerate(carried)}
         self.calls = []
         for fn, inputs in calls:
             index = [placeholders[n] for n in inputs if n in placeholders]
-            attrs = tuple(operator.attrgetter(n.target)(gm) for n in inputs if n not in placeholders)
+            attrs = tuple(operator.attrgetter(n.target)(gm) for n in inputs if n.op == "get_attr")
             # itemgetter of one index returns the item, not a tuple.
             pick = operator.itemgetter(*index) if len(index) > 1 else lambda args, i=tuple(index): [args[j] for j in i]
-            self.calls.append((fn, pick, attrs))
-        self.result = gm.graph.output_node().args[0]  # no nodes in it (see _split)
+            passed = [position[n] for n in inputs if n in position]
+            self.calls.append((fn, pick, attrs, (lambda out, i=tuple(passed): [out[j] for j in i]) if passed else None))
+        output = gm.graph.output_node()
+        self.output_spec = output.args[0]
+        # The graph's outputs are the first piece's results after the carried values (see _split).
+        self.output_position = {n: len(carried) + i for i, n in enumerate(output.all_input_nodes)}
+        self.first_returns = bool(self.output_position) or bool(carried)
 
     def __call__(self, *args: Any) -> Any:
-        for fn, pick, attrs in self.calls:
-            fn(*pick(args), *attrs)
-        return self.result
+        if not self.first_returns:
+            for fn, pick, attrs, _ in self.calls:
+                fn(*pick(args), *attrs)
+            return self.output_spec  # holds no values (see __init__)
+        (fn, pick, attrs, _), *rest = self.calls
+        out = fn(*pick(args), *attrs)
+        for fn, pick, attrs, passed in rest:
+            if passed is None:
+                fn(*pick(args), *attrs)
+            else:
+                fn(*pick(args), *attrs, *passed(out))
+        return torch.fx.map_arg(self.output_spec, lambda n: out[self.output_position[n]])

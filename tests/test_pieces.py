@@ -174,3 +174,80 @@ def test_a_scheduled_lr_is_copied_into_every_piece(dp, compiler, monkeypatch):
     # Two compiles (the constant lr, then the symbolic one), two pieces each, one compile of a piece each.
     assert counters["stats"]["unique_graphs"] == 2
     assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 2
+
+
+def test_a_prologue_value_is_passed_to_the_pieces(monkeypatch):
+    """A 0-dim value the prologue computes from every input (a clip coefficient) goes to each piece as an input,
+    the in-place foreach product with it moves, entry by entry, into the pieces, and the graph returns what the
+    prologue computed.
+
+    ::
+
+        s = a.sum() + b.sum();  c = s * 0.5;  _foreach_mul_([a, b], c)  ── prologue / lanes
+        a.copy_(a * 2);  b.copy_(b * 2)                                  ── lowered, one piece each
+        return (s,)
+    """
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    s = graph.call_function(operator.add, (graph.call_method("sum", (a,)), graph.call_method("sum", (b,))))
+    c = graph.call_function(operator.mul, (s, 0.5))
+    for node in (s, c):
+        node.meta["example_value"] = torch.tensor(0.0)
+    graph.call_function(torch._foreach_mul_, ([a, b], c))
+    for x in (a, b):
+        _lowered(graph.call_method("copy_", (x, _lowered(graph.call_function(operator.mul, (x, 2.0))))))
+    graph.output((s,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    compiled = compile_in_pieces(gm, [torch.ones(4), torch.ones(4)], _eager)
+    assert compiled is not None
+    assert counters["fxmesh"]["pieces"] == 3 and counters["fxmesh"]["piece_compiles"] == 2
+    a, b = torch.ones(4), torch.full((4,), 3.0)
+    (total,) = compiled(a, b)
+    assert total.item() == 16.0  # before the product: the prologue runs first
+    assert a.tolist() == [16.0] * 4 and b.tolist() == [48.0] * 4  # x * (16 * 0.5) * 2
+
+
+def test_an_unrestored_grad_mode_keeps_the_graph_whole(monkeypatch):
+    """A graph that leaves grad mode other than it found it cannot drop its ``_set_grad_enabled`` calls."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    gm, inputs = _graph(shared_scalar_written=False)
+    first = next(iter(gm.graph.nodes))
+    with gm.graph.inserting_before(first):
+        gm.graph.call_function(torch._C._set_grad_enabled, (not torch.is_grad_enabled(),))
+    gm.recompile()
+    assert compile_in_pieces(gm, inputs, _eager) is None
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_clip_and_step_compile_in_pieces(dp, ep, compiler, monkeypatch):
+    """Clipping + AdamW as one graph (the norm reads every gradient) still splits: the norm and the clip
+    coefficient are the prologue, each piece scales its gradients by the coefficient and updates its parameters.
+    Against fxmesh's eager clipping and eager fused AdamW on the same DTensors, over 3 steps (fp32: 1e-5)."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    params = _params([dp, ep], 32, [(4, 4), (4, 4), (2, 8), (2, 8)])  # per mesh, 8 of each shape
+    ref = [torch.nn.Parameter(DTensor.from_local(p.to_local().clone(), p.device_mesh, p.placements)) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+
+    @torch.compile(backend=fxmesh.backend(compiler=compiler))
+    def clip_and_step():
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        return norm
+
+    for k in range(3):
+        gen = torch.Generator().manual_seed(100 + k)
+        for p, r in zip(params, ref):
+            g = torch.randn(p.to_local().shape, generator=gen).to(DEVICE)
+            p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements).detach()
+            r.grad = DTensor.from_local(g, r.device_mesh, r.placements).detach()
+        norm = clip_and_step()
+        ref_norm = fxmesh.clip_grad_norm_(ref, 0.5)
+        ref_opt.step()
+        assert_rel_close(norm, ref_norm, FP32_RTOL, f"step {k}: the norm")
+    for i, (p, r) in enumerate(zip(params, ref)):
+        assert_rel_close(p.to_local(), r.to_local(), FP32_RTOL, f"parameter {i}")
+    assert counters["stats"]["unique_graphs"] == 1
+    # The prologue (norm, coefficient) first; per mesh, one piece per shape, the meshes' pieces of a shape alike.
+    assert counters["fxmesh"]["pieces"] == 5 and counters["fxmesh"]["piece_compiles"] == 3
