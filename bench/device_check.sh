@@ -10,13 +10,13 @@
 #             one graph, and without combo kernels (last, where the stage limit may cut it);
 #             GPU run 3 left 26% to the floor, where eager fused on plain tensors leaves 24%
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
-#             one-graph compile did not finish in 115 s)
+#             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh
 #   overhead1000  the 1000-tensor overhead workload: plain eager fused, fxmesh, eager fused
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
 # Default: overhead tests moe (about 450-570 s: one device call); then `bash bench/device_check.sh
-# moe_bf16 overhead1000` (about 150 s) as a second call while the machine is warm, and `clip` as
-# far as the session's device time allows.  Logs land in $OUT (8 files come back at most).
+# clip moe_bf16 overhead1000` (about 250 s) as a second call while the machine is warm, as far as
+# the session's device time allows (GPU run 3 left 165 s unused after two calls of 440 and 254 s).  Logs land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
 # stage cut off by its timeout still reports what it finished.
 set -uo pipefail
@@ -54,7 +54,7 @@ for stage in "${@:-overhead tests moe}"; do
             ;;
         moe) bench moe_shard "${BENCH_TIMEOUT:-190}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
             --variants eager_fused,fxmesh,eager_fused_plain,fxmesh_whole,fxmesh_no_combo ;;
-        clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip ;;
+        clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip,fxmesh_clip_whole ;;
         overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-150}" --workload overhead \
             --variants eager_fused_plain,fxmesh,eager_fused ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
