@@ -130,9 +130,16 @@ class LocalGraph:
         return dataclasses.replace(self.shards, compiled=compiled)
 
 
+def _is_to_local(node: torch.fx.Node) -> bool:
+    """``DTensor.to_local``: a method call, or (torch 2.11) a function Dynamo names ``prim_to_local``."""
+    if node.op == "call_method":
+        return node.target == "to_local"
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "prim_to_local"
+
+
 def _is_glue(node: torch.fx.Node) -> bool:
     """fxmesh's scalar-to-DTensor ``replicate`` or a ``to_local``: nothing on the local shards."""
-    return node.target is replicate or (node.op == "call_method" and node.target == "to_local")
+    return node.target is replicate or _is_to_local(node)
 
 
 def _is_elementwise(node: torch.fx.Node) -> bool:
@@ -257,7 +264,9 @@ def _mutated_roots(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
         else:
             continue
         for t in targets:
-            while isinstance(t, torch.fx.Node) and t.op == "call_method" and t.target in _ALIASING_METHODS:
+            while isinstance(t, torch.fx.Node) and (
+                (t.op == "call_method" and t.target in _ALIASING_METHODS) or _is_to_local(t)
+            ):
                 t = t.args[0]
             if isinstance(t, torch.fx.Node) and t.op in ("placeholder", "get_attr"):
                 mutated.add(t)
