@@ -111,14 +111,14 @@ def _metadata(value: Any) -> tuple[Any, ...]:
 class _Lanes:
     """Some entries of an in-place foreach call (``torch._foreach_add_(steps, 1)``), as a call of their own."""
 
-    def __init__(self, node: torch.fx.Node, lanes: list[int]) -> None:
+    def __init__(self, node: torch.fx.Node, lanes: list[int], others: list[torch.fx.Node]) -> None:
         self.node = node
         self.lanes = lanes
+        self.others = others  # the call's inputs other than its entries (see _other_inputs)
 
     @property
     def all_input_nodes(self) -> list[torch.fx.Node]:
-        entries = [self.node.args[0][i] for i in self.lanes]
-        return [*entries, *(n for n in self.node.all_input_nodes if n not in self.node.args[0])]
+        return [*(self.node.args[0][i] for i in self.lanes), *self.others]
 
     def copy_into(self, graph: torch.fx.Graph, env: dict[torch.fx.Node, torch.fx.Node], name: str) -> None:
         args = ([env[self.node.args[0][i]] for i in self.lanes], *torch.fx.map_arg(self.node.args[1:], env.__getitem__))
@@ -161,8 +161,8 @@ class _Piece:
         self.values = [sources[n] for n in self.inputs]
         self.outputs = list(outputs)
 
-    def build(self) -> tuple[torch.fx.GraphModule, str]:
-        """The piece as a graph module, and its computation (the code, with canonical input names)."""
+    def build(self) -> torch.fx.GraphModule:
+        """The piece as a graph module, its inputs in :attr:`inputs` order."""
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         for i, old in enumerate(self.inputs):
@@ -176,7 +176,6 @@ class _Piece:
             if hasattr(old, "_dynamo_source"):
                 new._dynamo_source = old._dynamo_source
             env[old] = new
-        # Fresh names, so that two copies of one computation print the same code.
         for i, old in enumerate(self.nodes):
             if isinstance(old, _Lanes):
                 old.copy_into(graph, env, f"v{i}")
@@ -186,13 +185,53 @@ class _Piece:
             env[old] = graph.create_node(old.op, old.target, args, kwargs, name=f"v{i}", type_expr=old.type)
             env[old].meta.update(old.meta)
         graph.output(tuple(env[n] for n in self.outputs))
-        gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-        return gm, gm.code
+        return torch.fx.GraphModule(torch.nn.Module(), graph)
 
-    def key(self, code: str) -> tuple[Any, ...]:
+    def key(self) -> tuple[Any, ...]:
+        """Equal for pieces that are the same computation on inputs of the same metadata.
+
+        The computation is each node's op, target and arguments, with inputs
+        and earlier values referred to by position (what :meth:`build` would
+        print with canonical names, without building it).
+        """
+        position = {n: ("input", i) for i, n in enumerate(self.inputs)}
+        ops = []
+        for i, node in enumerate(self.nodes):
+            if isinstance(node, _Lanes):
+                call, entries = node.node, tuple(position[node.node.args[0][j]] for j in node.lanes)
+                ops.append(("lanes", call.target, entries, *_frozen((call.args[1:], call.kwargs), position)))
+                continue
+            ops.append((node.op, node.target, *_frozen((node.args, node.kwargs), position)))
+            position[node] = ("value", i)
+        outputs = tuple(position[n] for n in self.outputs)
         storages: dict[StorageWeakRef, int] = {}
         aliases = tuple(storages.setdefault(_storage(v), i) for i, v in enumerate(self.values))
-        return code, tuple(n.op for n in self.inputs), tuple(_metadata(v) for v in self.values), aliases
+        kinds = tuple(_INPUT_ORDER.get(n.op, 2) for n in self.inputs)
+        return tuple(ops), outputs, kinds, tuple(_metadata(v) for v in self.values), aliases
+
+
+def _frozen(value: Any, position: dict[torch.fx.Node, tuple[str, int]]) -> Any:
+    """``value`` (node arguments) as a hashable key: nodes by position, lists as tuples, the rest by repr.
+
+    A tensor keys by identity; a constant that is hashable and equal to itself keys as itself, with its
+    type (``1.0``, a dtype, a function); anything else (a ``nan``, a slice before Python 3.12) by its type
+    and repr.
+    """
+    if isinstance(value, torch.fx.Node):
+        return position[value]
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_frozen(v, position) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _frozen(v, position)) for k, v in value.items()))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    try:
+        hash(value)
+        itself = value == value
+    except Exception:
+        itself = False
+    # With its type: 1, 1.0 and True are equal and hash alike, but are not the same argument.
+    return (type(value), value) if itself is True else ("repr", type(value).__name__, repr(value))
 
 
 def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
@@ -203,15 +242,17 @@ def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
     """
     name = getattr(node.target, "__name__", "")
     entries = node.args[0] if node.args else None
-    return (
+    if not (
         node.op == "call_function"
         and name.startswith("_foreach_")
         and name.endswith("_")
         and not node.users
         and isinstance(entries, (list, tuple))
         and all(e in leaves for e in entries)
-        and all(n in entries or (n not in leaves and _is_scalar(n)) for n in node.all_input_nodes)
-    )
+    ):
+        return False
+    entry_set = set(entries)
+    return all(n in entry_set or (n not in leaves and _is_scalar(n)) for n in node.all_input_nodes)
 
 
 def _leaves(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[torch.fx.Node, Any] | None:
@@ -318,8 +359,11 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> _Split
             for i, entry in enumerate(node.args[0]):
                 if storage[entry] in by_storage:
                     by_root.setdefault(components.find(by_storage[storage[entry]]), []).append(i)
+            # Once per call: a list membership test per input would be quadratic in the entries.
+            entries = set(node.args[0])
+            others = [a for a in node.all_input_nodes if a not in entries]
             for root, idx in by_root.items():
-                lanes.setdefault(root, []).append(_Lanes(node, idx))
+                lanes.setdefault(root, []).append(_Lanes(node, idx, others))
             moving = {storage[node.args[0][i]] for idx in by_root.values() for i in idx}
             if moving & seen:
                 return None  # a lowered node read the entry before this call
@@ -331,7 +375,7 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> _Split
             moved |= moving
             touched = {storage[node.args[0][i]] for i in kept}
             if kept:
-                prologue.append(_Lanes(node, kept))
+                prologue.append(_Lanes(node, kept, others))
         elif not node.all_input_nodes:
             return None  # global state: keep the graph whole
         else:
@@ -406,7 +450,7 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
     by_key: dict[tuple[Any, ...], list[_Piece]] = {}
     for nodes in split.components:
         piece = _Piece(nodes, sources)
-        by_key.setdefault(piece.key(piece.build()[1]), []).append(piece)
+        by_key.setdefault(piece.key(), []).append(piece)
     # A computation repeated in at least two full batches is compiled once for all of them; everything
     # else (the prologue first) is one more piece, so a step with nothing repeated stays one graph.
     rest: list[torch.fx.Node | _Lanes] = list(split.prologue)
@@ -431,10 +475,9 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
     compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
     calls = []
     for piece in pieces:
-        piece_gm, code = piece.build()
-        key = piece.key(code)
+        key = piece.key()
         if key not in compiled:
-            compiled[key] = compile_fn(piece_gm, list(piece.values))
+            compiled[key] = compile_fn(piece.build(), list(piece.values))
         calls.append((compiled[key], piece.inputs))
     counters["fxmesh"]["pieces"] += len(pieces)
     counters["fxmesh"]["piece_compiles"] += len(compiled)

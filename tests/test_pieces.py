@@ -251,3 +251,16 @@ def test_clip_and_step_compile_in_pieces(dp, ep, compiler, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1
     # The prologue (norm, coefficient) first; per mesh, one piece per shape, the meshes' pieces of a shape alike.
     assert counters["fxmesh"]["pieces"] == 5 and counters["fxmesh"]["piece_compiles"] == 3
+
+
+def test_constants_of_other_types_are_other_computations(monkeypatch):
+    """``x * 2`` and ``x * 2.0`` (equal, and hashing alike) are different pieces: never compiled as one."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    graph = torch.fx.Graph()
+    xs = [graph.placeholder(f"x{i}") for i in range(4)]
+    for i, x in enumerate(xs):
+        _lowered(graph.call_method("copy_", (x, _lowered(graph.call_function(operator.mul, (x, 2 if i < 2 else 2.0))))))
+    graph.output(())
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert compile_in_pieces(gm, [torch.ones(4, dtype=torch.int64) for _ in xs], _eager) is not None
+    assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 2
