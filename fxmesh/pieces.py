@@ -33,8 +33,10 @@ it started in: fxmesh runs these graphs under ``no_grad``.
 A compiled graph already runs on any inputs of the metadata it was compiled
 for: Dynamo's guards pin shapes, strides, dtypes and aliasing, not addresses,
 and every step hands it new gradients.  Running it on another batch's tensors
-is the same.  The inputs' shapes, strides, dtypes, devices, ``requires_grad``
-and which of them share storage are part of a batch's key.
+is the same.  A batch's key is its computation, node by node (op, target,
+arguments with inputs and earlier values by position, constants with their
+type), and its inputs' shapes, strides, dtypes, devices, ``requires_grad`` and
+which of them share storage.
 
 Nothing is split (``None``) where a graph has inputs that are not tensors or
 returns a value the first piece does not compute; where nodes the lowering did
@@ -211,7 +213,7 @@ class _Piece:
 
 
 def _frozen(value: Any, position: dict[torch.fx.Node, tuple[str, int]]) -> Any:
-    """``value`` (node arguments) as a hashable key: nodes by position, lists as tuples, the rest by repr.
+    """``value`` (node arguments) as a hashable key: nodes by position, lists as tuples, constants as below.
 
     A tensor keys by identity; a constant that is hashable and equal to itself keys as itself, with its
     type (``1.0``, a dtype, a function); anything else (a ``nan``, a slice before Python 3.12) by its type
