@@ -370,7 +370,7 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> _Split
             if moving & seen:
                 return None  # a lowered node read the entry before this call
             if by_root:
-                carried.update(dict.fromkeys(a for a in node.all_input_nodes if a not in leaves))
+                carried.update(dict.fromkeys(a for a in others if a not in leaves))
             kept = [i for i, entry in enumerate(node.args[0]) if storage[entry] not in moving]
             # The prologue runs before the moved entries' new place, so nothing after this call in it
             # may touch them (prologue nodes before it ran before it anyway).
@@ -502,30 +502,25 @@ class _Pieces:
     ) -> None:
         placeholders = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
         position = {n: i for i, n in enumerate(carried)}
-        self.calls = []
+        entries = []
         for fn, inputs in calls:
             index = [placeholders[n] for n in inputs if n in placeholders]
             attrs = tuple(operator.attrgetter(n.target)(gm) for n in inputs if n.op == "get_attr")
             # itemgetter of one index returns the item, not a tuple.
             pick = operator.itemgetter(*index) if len(index) > 1 else lambda args, i=tuple(index): [args[j] for j in i]
             passed = [position[n] for n in inputs if n in position]
-            self.calls.append((fn, pick, attrs, (lambda out, i=tuple(passed): [out[j] for j in i]) if passed else None))
+            entries.append((fn, pick, attrs, (lambda out, i=tuple(passed): [out[j] for j in i]) if passed else None))
+        self.first, *self.rest = entries
         output = gm.graph.output_node()
         self.output_spec = output.args[0]
         # The graph's outputs are the first piece's results after the carried values (see _split).
         self.output_position = {n: len(carried) + i for i, n in enumerate(output.all_input_nodes)}
-        self.first_returns = bool(self.output_position) or bool(carried)
 
     def __call__(self, *args: Any) -> Any:
-        if not self.first_returns:
-            for fn, pick, attrs, _ in self.calls:
-                fn(*pick(args), *attrs)
-            return self.output_spec  # holds no values (see __init__)
-        (fn, pick, attrs, _), *rest = self.calls
+        fn, pick, attrs, _ = self.first
         out = fn(*pick(args), *attrs)
-        for fn, pick, attrs, passed in rest:
-            if passed is None:
-                fn(*pick(args), *attrs)
-            else:
-                fn(*pick(args), *attrs, *passed(out))
+        for fn, pick, attrs, passed in self.rest:
+            fn(*pick(args), *attrs, *(passed(out) if passed else ()))
+        if not self.output_position:
+            return self.output_spec  # holds no values
         return torch.fx.map_arg(self.output_spec, lambda n: out[self.output_position[n]])
