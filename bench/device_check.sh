@@ -15,8 +15,9 @@
 #   overhead1000  the 1000-tensor overhead workload: plain eager fused, fxmesh, eager fused
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
 # Default: overhead tests moe (about 450-570 s: one device call); then `bash bench/device_check.sh
-# clip moe_bf16 overhead1000` (about 250 s) as a second call while the machine is warm, as far as
-# the session's device time allows (GPU run 3 left 165 s unused after two calls of 440 and 254 s).  Logs land in $OUT (8 files come back at most).
+# clip moe_bf16 overhead1000` (stage limits 150 + 100 + 150 s) as a second call while the machine
+# is warm, lowering the limits to what the session's device time allows (GPU run 3 had 429 s left
+# after a first call of 440 s).  Logs land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
 # stage cut off by its timeout still reports what it finished.
 set -uo pipefail
