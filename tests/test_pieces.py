@@ -264,3 +264,37 @@ def test_constants_of_other_types_are_other_computations(monkeypatch):
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     assert compile_in_pieces(gm, [torch.ones(4, dtype=torch.int64) for _ in xs], _eager) is not None
     assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 2
+
+
+def test_clip_and_step_in_pieces_with_parameters_without_gradients(dp, ep, monkeypatch):
+    """Clip (inf-norm, per-tensor products) + AdamW where every fifth parameter has no gradient: still split, and
+    against fxmesh's eager clipping and eager fused AdamW over 3 steps (fp32: 1e-5)."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    params = _params([dp, ep], 32, [(4, 4), (4, 4), (2, 8), (2, 8)])
+    ref = [torch.nn.Parameter(DTensor.from_local(p.to_local().clone(), p.device_mesh, p.placements)) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, fused=True)
+    clip = {"max_norm": 0.5, "norm_type": float("inf"), "foreach": False}
+
+    @torch.compile(backend=fxmesh.backend(compiler="aot_eager"))
+    def clip_and_step():
+        norm = torch.nn.utils.clip_grad_norm_(params, **clip)
+        opt.step()
+        return norm
+
+    for k in range(3):
+        gen = torch.Generator().manual_seed(100 + k)
+        for i, (p, r) in enumerate(zip(params, ref)):
+            if i % 5 == 0:
+                continue
+            g = torch.randn(p.to_local().shape, generator=gen).to(DEVICE)
+            p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements).detach()
+            r.grad = DTensor.from_local(g, r.device_mesh, r.placements).detach()
+        norm = clip_and_step()
+        ref_norm = fxmesh.clip_grad_norm_(ref, **clip)
+        ref_opt.step()
+        assert_rel_close(norm, ref_norm, FP32_RTOL, f"step {k}: the norm")
+    for i, (p, r) in enumerate(zip(params, ref)):
+        assert_rel_close(p.to_local(), r.to_local(), FP32_RTOL, f"parameter {i}")
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["fxmesh"]["pieces"] > 1 and counters["fxmesh"]["piece_compiles"] < counters["fxmesh"]["pieces"]
