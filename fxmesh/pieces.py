@@ -116,7 +116,7 @@ class _Lanes:
     def __init__(self, node: torch.fx.Node, lanes: list[int], others: list[torch.fx.Node]) -> None:
         self.node = node
         self.lanes = lanes
-        self.others = others  # the call's inputs other than its entries (see _other_inputs)
+        self.others = others  # the call's inputs other than its entries (see _lane_split)
 
     @property
     def all_input_nodes(self) -> list[torch.fx.Node]:
@@ -236,11 +236,13 @@ def _frozen(value: Any, position: dict[torch.fx.Node, tuple[str, int]]) -> Any:
     return (type(value), value) if itself is True else ("repr", type(value).__name__, repr(value))
 
 
-def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
-    """Whether ``node`` is an in-place foreach call over graph inputs whose entries can run apart.
+def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> list[torch.fx.Node] | None:
+    """The inputs other than its entries of ``node``, an in-place foreach call over graph inputs whose entries
+    can run apart; None for any other node.
 
-    Its other arguments are constants or 0-dim values computed before it (the
-    clip coefficient of ``torch._foreach_mul_(grads, coef)``).
+    Those other inputs are 0-dim values computed before it (the clip
+    coefficient of ``torch._foreach_mul_(grads, coef)``); its other arguments
+    are constants.
     """
     name = getattr(node.target, "__name__", "")
     entries = node.args[0] if node.args else None
@@ -252,9 +254,11 @@ def _lane_split(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
         and isinstance(entries, (list, tuple))
         and all(e in leaves for e in entries)
     ):
-        return False
+        return None
+    # A set: a list membership test per input would be quadratic in the entries.
     entry_set = set(entries)
-    return all(n in entry_set or (n not in leaves and _is_scalar(n)) for n in node.all_input_nodes)
+    others = [n for n in node.all_input_nodes if n not in entry_set]
+    return others if all(n not in leaves and _is_scalar(n) for n in others) else None
 
 
 def _leaves(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[torch.fx.Node, Any] | None:
@@ -283,7 +287,7 @@ class _Split:
 
 
 def _drops_grad_mode(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """The ``_set_grad_enabled`` calls, where leaving them out changes nothing (else every such call).
+    """The ``_set_grad_enabled`` calls, where leaving them out changes nothing (else none of them).
 
     A graph that sets grad mode ends by restoring the mode Dynamo guarded on
     entry; fxmesh runs a local-shard graph, whatever its pieces, under no_grad.
@@ -356,14 +360,12 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> _Split
             return None  # the prologue would need the scalar math too
         if any(a in lowered_set for a in node.all_input_nodes):
             return None  # a value of the lowered nodes: keep the graph whole
-        if _lane_split(node, leaves):
+        others = _lane_split(node, leaves)
+        if others is not None:
             by_root: dict[torch.fx.Node, list[int]] = {}
             for i, entry in enumerate(node.args[0]):
                 if storage[entry] in by_storage:
                     by_root.setdefault(components.find(by_storage[storage[entry]]), []).append(i)
-            # Once per call: a list membership test per input would be quadratic in the entries.
-            entries = set(node.args[0])
-            others = [a for a in node.all_input_nodes if a not in entries]
             for root, idx in by_root.items():
                 lanes.setdefault(root, []).append(_Lanes(node, idx, others))
             moving = {storage[node.args[0][i]] for idx in by_root.values() for i in idx}
