@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             row.speedup = base / row.median_ms
     eager_clip = next((r.median_ms for r in rows if r.variant == "eager_clip" and r.median_ms), None)
     for row in rows:
-        if row.variant in ("fxmesh_clip", "fxmesh_clip_whole") and row.median_ms and eager_clip:
+        if row.variant in CLIP_VARIANTS and row.variant != "eager_clip" and row.median_ms and eager_clip:
             row.note = f"{eager_clip / row.median_ms:.2f}x eager_clip" + (f"; {row.note}" if row.note else "")
 
     if dev == "cuda":
