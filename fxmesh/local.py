@@ -16,7 +16,8 @@ DTensor at call time.  The local tensor is read on every call, never captured,
 so a DTensor whose local tensor is replaced is still updated where it lives.
 
 A graph qualifies only if every node that touches a DTensor is in a fixed
-vocabulary of elementwise ops and its DTensors share one layout; a DTensor
+vocabulary of elementwise ops (fused optimizer calls among them: each updates
+a parameter from its own entries) and its DTensors share one layout; a DTensor
 collective or redistribution, a reduction, a view, a random op or a DTensor
 output keeps the graph on the DTensor path (collectives on plain local tensors,
 as ``fxmesh.clip`` issues them, do not touch a DTensor and are left alone).
@@ -39,6 +40,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_leaves
 
+from fxmesh.fused_ops import bind, fused_op
 from fxmesh.meshes import example_value, replicate
 
 __all__ = ["LocalGraph", "LocalShards", "localize"]
@@ -143,6 +145,9 @@ def _is_glue(node: torch.fx.Node) -> bool:
 
 
 def _is_elementwise(node: torch.fx.Node) -> bool:
+    """Elementwise per list entry: a fused optimizer call updates each parameter from its own entries."""
+    if fused_op(node) is not None:
+        return True
     if node.op == "call_method":
         return node.target in _ELEMENTWISE_METHODS
     if node.op != "call_function":
@@ -179,12 +184,21 @@ def _is_replicated_scalar(t: DTensor) -> bool:
 
 
 def _lanes(node: torch.fx.Node) -> list[list[Any]]:
-    """The values that meet elementwise in ``node``: one lane per list entry for foreach ops, [] if lists differ."""
+    """The values that meet elementwise in ``node``: a lane per list entry of foreach and fused ops; [] if lists differ.
+
+    A fused optimizer call's empty lists (``max_exp_avg_sqs`` without amsgrad) are in no lane.
+    """
 
     def value(a: Any) -> Any:
         return example_value(a) if isinstance(a, torch.fx.Node) else a
 
-    operands = [*node.args, *node.kwargs.values()]
+    op = fused_op(node)
+    if op is not None:
+        bound = bind(node, op)
+        operands = [bound[name] for name in op.list_args if bound[name]]
+        operands += [bound.get(name) for name in op.scalar_tensor_args]
+    else:
+        operands = [*node.args, *node.kwargs.values()]
     lists = [[value(x) for x in a] for a in operands if isinstance(a, (list, tuple))]
     single = [value(a) for a in operands if not isinstance(a, (list, tuple))]
     out = example_value(node)
@@ -256,7 +270,13 @@ def _mutated_roots(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """The placeholder and get_attr nodes an in-place op writes to, directly or through an alias."""
     mutated = set()
     for node in gm.graph.nodes:
-        if node.op == "call_method" and node.target.endswith("_"):
+        op = fused_op(node)
+        if op is not None:
+            # The kernels write the gradients only to unscale them.
+            bound = bind(node, op)
+            written = [n for n in op.list_args if n != "state_steps" and (n != "grads" or bound.get("grad_scale"))]
+            targets = [t for name in written for t in bound[name]]
+        elif node.op == "call_method" and node.target.endswith("_"):
             targets = [node.args[0]]
         elif node.op == "call_function" and _op_name(node).endswith("_"):
             first = node.args[0] if node.args else None
