@@ -19,6 +19,8 @@ from fxmesh.errors import EagerFallback
 from fxmesh.guards import streamline_dtensor_guards
 from fxmesh.local import localize
 from fxmesh.passes import Pass, resolve_passes, run_passes
+from fxmesh.passes.aten_fused_adam import aten_fused_adam
+from fxmesh.passes.lower_fused_adam import lower_fused_adam
 from fxmesh.pieces import compile_in_pieces
 
 __all__ = ["FxmeshBackend", "backend", "fxmesh_backend"]
@@ -26,6 +28,7 @@ __all__ = ["FxmeshBackend", "backend", "fxmesh_backend"]
 log = logging.getLogger(__name__)
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
+_FUSED_KERNELS = ("inductor", "aten")
 
 
 class FxmeshBackend:
@@ -46,10 +49,19 @@ class FxmeshBackend:
         cudagraphs: bool = False,
         combo_kernels: bool | None = None,
         pieces: bool = True,
+        fused_kernels: str = "inductor",
     ) -> None:
         if compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {', '.join(_COMPILERS)}, not {compiler!r}")
+        if fused_kernels not in _FUSED_KERNELS:
+            raise ValueError(f"fused_kernels must be one of {', '.join(_FUSED_KERNELS)}, not {fused_kernels!r}")
         self.passes = resolve_passes(passes)
+        # With aten's kernels, fused Adam is lowered only where the graph stays on
+        # DTensors or a call cannot keep the kernel: after localize.
+        self.deferred_passes: list[tuple[str, Pass]] = []
+        if fused_kernels == "aten":
+            self.deferred_passes = [(name, fn) for name, fn in self.passes if fn is lower_fused_adam]
+            self.passes = [(name, fn) for name, fn in self.passes if fn is not lower_fused_adam]
         self.compiler = compiler
         # Dynamo's guards already pin every input's size and stride; Inductor's
         # own per-input asserts cost ~2.5 us each, 1,000 per step for 200 params.
@@ -69,7 +81,8 @@ class FxmeshBackend:
 
     def __repr__(self) -> str:
         names = ", ".join(name for name, _ in self.passes)
-        return f"FxmeshBackend(passes=[{names}], compiler={self.compiler!r})"
+        deferred = "".join(f", then {name}" for name, _ in self.deferred_passes)
+        return f"FxmeshBackend(passes=[{names}{deferred}], compiler={self.compiler!r})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         counters["fxmesh"]["graphs"] += 1
@@ -87,13 +100,16 @@ class FxmeshBackend:
             # refused with grad on.
             with torch.no_grad():
                 modified = run_passes(gm, self.passes)
+                # Autograd through to_local needs the DTensor; only no-grad math runs on the shards.
+                local = localize(gm, example_inputs) if self.local_shards and not records_autograd else None
+                if self.deferred_passes:
+                    deferred = [("aten_fused_adam", aten_fused_adam)] if local is not None else []
+                    modified += run_passes(gm if local is None else local.gm, deferred + self.deferred_passes)
         except EagerFallback as e:
             log.warning("fxmesh: running this graph eagerly: %s", e)
             counters["fxmesh"]["eager_fallbacks"] += 1
             return gm.forward
         log.debug("fxmesh passes that changed the graph: %s", modified)
-        # Autograd through to_local needs the DTensor; only no-grad math runs on the shards.
-        local = localize(gm, example_inputs) if self.local_shards and not records_autograd else None
         if local is None:
             return self._compile_in_mode(gm, example_inputs, inference)
         counters["fxmesh"]["local_shard_graphs"] += 1
@@ -166,6 +182,7 @@ def backend(
     cudagraphs: bool = False,
     combo_kernels: bool | None = None,
     pieces: bool = True,
+    fused_kernels: str = "inductor",
 ) -> FxmeshBackend:
     """Build an fxmesh backend for ``torch.compile(..., backend=...)``.
 
@@ -199,6 +216,18 @@ def backend(
         pieces: compile a lowered step over local shards as independent
             pieces, each distinct piece once (:mod:`fxmesh.pieces`): parameters
             of the same shapes share one compile.  Off with ``cudagraphs``.
+        fused_kernels: ``"inductor"`` (default): fused optimizer calls are
+            lowered to pointwise math and Inductor generates their kernels.
+            ``"aten"``: in a graph over local shards, each mesh's fused
+            Adam/AdamW call keeps aten's multi-tensor kernel (a custom op
+            Inductor calls in place, :mod:`fxmesh.passes.aten_fused_adam`);
+            a graph that stays on DTensors, a scheduled float hyperparameter,
+            and fused SGD and Adagrad are lowered as by default.  For GPUs:
+            on an H100 eager fused on plain tensors ran 1000 small AdamW
+            parameters in 2.79 ms, the lowered step (launch-bound) in 15.5
+            ms; not yet measured on one.  On the 2-core CPU, Inductor's
+            kernels are faster (200 tensors of 10x1280: 1.12 against 1.67
+            ms), and only they fuse clipping's product into the update.
     """
     return FxmeshBackend(
         passes=passes,
@@ -209,6 +238,7 @@ def backend(
         cudagraphs=cudagraphs,
         combo_kernels=combo_kernels,
         pieces=pieces,
+        fused_kernels=fused_kernels,
     )
 
 
