@@ -2,17 +2,20 @@
 # The checks a GPU session runs (results go to bench/RESULTS.md).  Stages, in the order given:
 #   overhead  100 tensors of 64x64 on three meshes, with a profiler table and a Chrome trace
 #             (traces.tgz) of each variant's step (GPU run 3: the host bounds it; each Triton
-#             launch costs the host 10-60 us, more for combo kernels with many arguments)
+#             launch costs the host 10-60 us, more for combo kernels with many arguments);
+#             fxmesh_aten (aten's multi-tensor kernel per mesh, fused_kernels="aten") against it
 #   tests     the end-to-end tests on CUDA (combo kernels by default; test_foreach adds the
-#             capturable cases there, test_pieces the compiled pieces); test_clip first, since
-#             GPU run 3's 210 s reached 87 of 106 tests (all passed) but only 2 of test_clip's 17
-#   moe       the moe-shard benchmark, profiled with traces: fxmesh (pieces, combo kernels), as
-#             one graph, and without combo kernels (last, where the stage limit may cut it);
-#             GPU run 3 left 26% to the floor, where eager fused on plain tensors leaves 24%
+#             capturable cases there, test_pieces the compiled pieces); test_aten_fused and
+#             test_clip first, since GPU run 3's 210 s reached 87 of 106 tests (all passed) but
+#             only 2 of test_clip's 17
+#   moe       the moe-shard benchmark, profiled with traces: fxmesh (pieces, combo kernels) and
+#             fxmesh_aten; GPU run 3 left 26% to the floor, where eager fused on plain tensors
+#             leaves 24% (run 3 measured the step as one graph and without combo kernels)
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh
-#   overhead1000  the issue's 1000-tensor overhead workload: plain eager fused, fxmesh, eager fused
+#   overhead1000  the issue's 1000-tensor overhead workload: plain eager fused, fxmesh_aten,
+#             fxmesh, eager fused (run 3: fxmesh 15.5 ms, plain eager fused 2.79 ms)
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
 # Default: overhead tests moe (about 450-570 s: one device call); then `bash bench/device_check.sh
 # clip moe_bf16 overhead1000` (stage limits 150 + 100 + 150 s) as a second call while the machine
@@ -46,7 +49,7 @@ for stage in "${@:-overhead tests moe}"; do
             FXMESH_TEST_DEVICE=cuda TORCHINDUCTOR_COMPILE_THREADS=4 \
                 timeout ${TEST_TIMEOUT:-210} \
                 python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
-                tests/test_clip.py tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
+                tests/test_aten_fused.py tests/test_clip.py tests/test_adam.py tests/test_state.py tests/test_sgd.py tests/test_foreach.py \
                 tests/test_train_step.py tests/test_local.py tests/test_pieces.py \
                 >"$OUT/tests_cuda.log" 2>&1
             echo "cuda tests: rc=$? in $((SECONDS - start)) s"
@@ -54,14 +57,14 @@ for stage in "${@:-overhead tests moe}"; do
             grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16
             ;;
         moe) bench moe_shard "${BENCH_TIMEOUT:-190}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
-            --variants eager_fused,fxmesh,eager_fused_plain,fxmesh_whole,fxmesh_no_combo ;;
+            --variants eager_fused,fxmesh,fxmesh_aten,eager_fused_plain ;;
         clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip,fxmesh_clip_whole ;;
         overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-150}" --workload overhead \
-            --variants eager_fused_plain,fxmesh,eager_fused ;;
+            --variants eager_fused_plain,fxmesh_aten,fxmesh,eager_fused ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
-            --variants eager_fused,eager_fused_plain,fxmesh ;;
+            --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten ;;
         overhead) bench overhead "${OVERHEAD_TIMEOUT:-160}" --workload overhead --tensors 100 --profile \
-            --trace-dir "$OUT/traces/overhead" --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_no_combo,fxmesh_cudagraphs ;;
+            --trace-dir "$OUT/traces/overhead" --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten,fxmesh_cudagraphs,fxmesh_aten_cudagraphs ;;
         *) echo "unknown stage $s" ;;
         esac
     done

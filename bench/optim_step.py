@@ -17,6 +17,9 @@ Variants:
   fxmesh_whole       fxmesh.backend(pieces=False): the step compiled as one graph, not in pieces
   fxmesh_no_combo    fxmesh.backend(combo_kernels=False) (GPU: a launch per parameter)
   fxmesh_cudagraphs  fxmesh.backend(cudagraphs=True) (GPU)
+  fxmesh_aten        fxmesh.backend(fused_kernels="aten"): aten's fused kernel on each mesh's local
+                     shards, called in place from the compiled step
+  fxmesh_aten_cudagraphs  the same with cudagraphs=True (GPU)
   fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
@@ -75,6 +78,8 @@ VARIANTS = (
     "fxmesh_whole",
     "fxmesh_no_combo",
     "fxmesh_cudagraphs",
+    "fxmesh_aten",
+    "fxmesh_aten_cudagraphs",
     "fxmesh_skip_spec_guards",
     "eager_clip",
     "fxmesh_clip",
@@ -87,8 +92,10 @@ VARIANT_BACKEND = {
     "fxmesh_whole": {"pieces": False},
     "fxmesh_no_combo": {"combo_kernels": False},
     "fxmesh_cudagraphs": {"cudagraphs": True},
+    "fxmesh_aten": {"fused_kernels": "aten"},
+    "fxmesh_aten_cudagraphs": {"fused_kernels": "aten", "cudagraphs": True},
 }
-GPU_ONLY = ("fxmesh_no_combo", "fxmesh_cudagraphs")
+GPU_ONLY = ("fxmesh_no_combo", "fxmesh_cudagraphs", "fxmesh_aten_cudagraphs")
 
 
 @dataclasses.dataclass

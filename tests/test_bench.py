@@ -16,16 +16,16 @@ def test_optim_step_smoke(tmp_path):
     """Every requested variant gets a time (or a reason), and the JSON matches the table."""
     out_json = tmp_path / "out.json"
     cmd = [sys.executable, str(BENCH), "--tensors", "4", "--shape", "8", "8", "--steps", "3", "--warmup", "1"]
-    variants = "eager_fused,eager_fused_plain,torch_compile_foreach,fxmesh,eager_clip,fxmesh_clip"
+    variants = "eager_fused,eager_fused_plain,torch_compile_foreach,fxmesh,fxmesh_aten,eager_clip,fxmesh_clip"
     cmd += ["--variants", variants, "--json", str(out_json), "--profile", "--trace-dir", str(tmp_path / "traces")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out_json.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == variants.split(",")
-    for name in ("eager_fused", "eager_fused_plain", "fxmesh", "eager_clip"):
+    for name in ("eager_fused", "eager_fused_plain", "fxmesh", "fxmesh_aten", "eager_clip"):
         assert rows[name]["median_ms"] > 0 and not rows[name]["note"], rows[name]
-    for name in ("fxmesh", "fxmesh_clip"):
+    for name in ("fxmesh", "fxmesh_aten", "fxmesh_clip"):
         assert rows[name]["compile_s"] > 0 and rows[name]["recompiles"] == 0, rows[name]
     assert rows["fxmesh_clip"]["note"].endswith("x eager_clip"), rows["fxmesh_clip"]
     assert result["clip_floor_ms"] == pytest.approx(result["floor_ms"] * 9 / 7)  # + read and write the grads
@@ -33,6 +33,7 @@ def test_optim_step_smoke(tmp_path):
     # The same steps with the same gradients: fxmesh's parameters are eager_fused's (fp32: 1e-5).
     for name in ("eager_fused", "eager_fused_plain", "fxmesh", "eager_clip", "fxmesh_clip"):
         assert rows[name]["rel_err"] <= 1e-5, rows[name]
+    assert rows["fxmesh_aten"]["rel_err"] == 0, rows["fxmesh_aten"]  # eager fused's own kernel
     # Upstream compile of foreach across meshes fails at fake-tensor propagation; the row says why.
     assert rows["torch_compile_foreach"]["median_ms"] is None
     assert "different mesh" in rows["torch_compile_foreach"]["note"]  # "meshes" on torch 2.13, "mesh" on 2.11
