@@ -3,11 +3,13 @@
 ``torch.nn.utils.clip_grad_norm_`` stacks one norm per gradient, and DTensor
 refuses to stack norms from different meshes (``All operands in
 aten.stack.default must have the same mesh``).  Here every gradient's norm is
-computed from its local shard, the shards' contributions are reduced over the
-mesh dims the gradient is sharded on (one all-reduce per mesh and sharding
-pattern, for all its gradients at once), and the per-gradient norms are
-combined exactly as torch combines them.  A gradient replicated on a mesh dim
-is counted once; a ``Partial`` gradient is reduced first.
+computed from its local shard; the gradients sharded alike (one mesh, the same
+sharded mesh dims) add up their norms to the power p (take the largest for
+inf, the smallest for -inf), and that one value is all-reduced over those mesh
+dims.  Combining these as torch combines the per-gradient norms gives torch's
+total: for p = 0 torch counts the gradients whose norm is nonzero, so there
+each gradient's count is all-reduced instead.  A gradient replicated on a mesh
+dim is counted once; a ``Partial`` gradient is reduced first.
 
 The functions are written so that Dynamo can trace them: under
 ``backend="fxmesh"`` the norm, the collectives and the scaling land in the same
@@ -19,6 +21,7 @@ kernels.  The capture hook (:mod:`fxmesh.capture`) routes
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -65,40 +68,65 @@ def _local_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | 
     return [next(it) if t.numel() > 0 else torch.full((), empty, dtype=t.dtype, device=t.device) for t in tensors]
 
 
-def _per_tensor_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> list[torch.Tensor]:
-    """Each tensor's norm as if it were unsharded, as plain tensors equal on every rank."""
+def _sharding_groups(
+    tensors: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[tuple[Any, tuple[int, ...], list[int]]]]:
+    """The local tensors, and the indices of the tensors sharded alike: (mesh, sharded mesh dims, indices).
+
+    Plain tensors and DTensors sharded on no mesh dim form one group with no mesh.
+    """
     locals_: list[torch.Tensor] = []
-    # (mesh, sharded mesh dims) -> indices of the tensors sharded that way.
-    sharded: list[tuple[DeviceMesh, tuple[int, ...], list[int]]] = []
+    groups: list[tuple[Any, tuple[int, ...], list[int]]] = []
     for i, t in enumerate(tensors):
+        mesh, dims = None, ()
         if isinstance(t, DTensor):
             if any(p.is_partial() for p in t.placements):
                 t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
             dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
-            if dims:
-                for mesh, mesh_dims, indices in sharded:
-                    if mesh is t.device_mesh and mesh_dims == dims:
-                        indices.append(i)
-                        break
-                else:
-                    sharded.append((t.device_mesh, dims, [i]))
+            mesh = t.device_mesh if dims else None
             t = _local(t)
+        for group_mesh, group_dims, indices in groups:
+            if group_mesh is mesh and group_dims == dims:
+                indices.append(i)
+                break
+        else:
+            groups.append((mesh, dims, [i]))
         locals_.append(t)
+    return locals_, groups
+
+
+def _total_norm(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
+    """The norm of ``tensors`` viewed as one vector: one all-reduce per group of tensors sharded alike."""
+    locals_, groups = _sharding_groups(tensors)
     norms = _local_norms(locals_, norm_type, foreach)
+    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    work = torch.promote_types(dtype, torch.float32)
+    device = tensors[0].device
     op = _reduce_op(norm_type)
-    # A finite p-norm adds up |x|^p over the shards; 0, inf and -inf reduce the norms themselves.
     powered = op == "sum" and norm_type != 0.0
-    for mesh, dims, indices in sharded:
-        parts = torch.stack([norms[i].to(torch.promote_types(norms[i].dtype, torch.float32)) for i in indices])
-        if powered:
-            parts = parts.pow(norm_type)
-        for d in dims:
-            parts = funcol.all_reduce(parts, op, (mesh, d))
-        if powered:
-            parts = parts.pow(1.0 / norm_type)
-        for j, i in enumerate(indices):
-            norms[i] = parts[j].to(norms[i].dtype)
-    return norms
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        return values.sum() if op == "sum" else values.amax() if op == "max" else values.amin()
+
+    def stacked(indices: list[int]) -> torch.Tensor:
+        values = torch.stack([norms[i].to(work) for i in indices])
+        return values.pow(norm_type) if powered else values
+
+    parts = []
+    for mesh, dims, indices in groups:
+        if norm_type == 0.0:
+            # torch counts the gradients with a nonzero norm: each gradient's count is needed whole.
+            counts = stacked(indices)
+            for d in dims:
+                counts = funcol.all_reduce(counts, "sum", (mesh, d))
+            part = (counts != 0).sum().to(work)
+        else:
+            part = reduce(stacked(indices))
+            for d in dims:
+                part = funcol.all_reduce(part, op, (mesh, d))
+        parts.append(part.to(device))
+    total = reduce(torch.stack(parts))
+    return (total.pow(1.0 / norm_type) if powered else total).to(dtype)
 
 
 def _fold_group(total: torch.Tensor, norm_type: float, group: Group) -> torch.Tensor:
@@ -130,9 +158,7 @@ def get_total_norm(
     # A `with` block rather than a decorator: Dynamo traces it where the
     # capture hook redirects torch's get_total_norm here.
     with torch.no_grad():
-        first_device = tensors[0].device
-        norms = _per_tensor_norms(tensors, norm_type, foreach)
-        total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
+        total = _total_norm(tensors, norm_type, foreach)
         if group is not None:
             total = _fold_group(total, norm_type, group)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):

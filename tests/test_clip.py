@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import fxmesh
 from fxmesh import world
-from tests.helpers import FP32_RTOL, inductor_output_code, rel_error, shard
+from tests.helpers import FP32_RTOL, assert_rel_close, inductor_output_code, rel_error, shard
 
 WORLD_SIZE = 4
 COMPILED_NORM_TYPES = (2.0, 1.0, math.inf, 3.0)
@@ -240,6 +240,27 @@ def test_nonfinite_norm_follows_torch(meshes, error_if_nonfinite):
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.grad.to_local(), r.grad, equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(params[1].grad.to_local()[0, 0])
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_many_gradients_match_torch_on_local_shards(meshes, norm_type):
+    """150 gradients (norms stacked in chunks per mesh), 50 of them plain, some all zero or with empty shards:
+    fxmesh's total norm (eager and compiled) is torch's over the local shards.
+
+    Under the fake process group the all-reduces move nothing, so each rank's total is that of its own shards.
+    """
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(4 + i % 5, 3, generator=gen) * (i % 7) for i in range(150)]  # every 7th all zero
+    grads[5] = torch.zeros(0, 3)
+    tensors = [shard(g, meshes["dp"], [Shard(0)]) if i % 2 else shard(g, meshes["ep"], [Shard(0), Replicate()])
+               for i, g in enumerate(grads[:100])] + grads[100:]  # fmt: skip
+    shards = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    # torch has no identity for an empty tensor's inf-norm; an empty shard adds nothing to the total.
+    want = torch.nn.utils.get_total_norm([t for t in shards if t.numel()], norm_type)
+    assert_rel_close(fxmesh.get_total_norm(tensors, norm_type), want, FP32_RTOL, "eager")
+    if norm_type in COMPILED_NORM_TYPES:
+        got = torch.compile(torch.nn.utils.get_total_norm, backend="fxmesh")(tensors, norm_type)
+        assert_rel_close(got, want, FP32_RTOL, "compiled")
 
 
 def test_one_mesh_keeps_upstream_result(meshes):
