@@ -17,10 +17,11 @@
 #   overhead1000  the 1000-tensor overhead workload: plain eager fused, fxmesh_aten,
 #             fxmesh, eager fused (run 3: fxmesh 15.5 ms, plain eager fused 2.79 ms)
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
-# Default: overhead tests moe (about 450-570 s: one device call); then `bash bench/device_check.sh
-# clip moe_bf16 overhead1000` (stage limits 150 + 100 + 150 s) as a second call while the machine
-# is warm, lowering the limits to what the session's device time allows (GPU run 3 had 429 s left
-# after a first call of 440 s).  Logs land in $OUT (8 files come back at most).
+# Default: tests moe overhead1000 (stage limits 210 + 190 + 150 s: one device call), the stages
+# that say whether fused_kernels="aten" should be the CUDA default; then `bash
+# bench/device_check.sh overhead moe_bf16 clip` (limits 160 + 100 + 150 s) as a second call while
+# the machine is warm, lowering the limits to what the session's device time allows (GPU run 3
+# had 429 s left after a first call of 440 s).  Logs land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
 # stage cut off by its timeout still reports what it finished.
 set -uo pipefail
@@ -39,7 +40,7 @@ bench() {  # name timeout args...
     grep -E "^\[[a-z_]+\] median|\|" "$OUT/$name.txt" | tail -n 14
 }
 
-for stage in "${@:-overhead tests moe}"; do
+for stage in "${@:-tests moe overhead1000}"; do
     for s in $stage; do
         case $s in
         probe) python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn ;;
