@@ -56,6 +56,7 @@ class FxmeshBackend:
         if fused_kernels not in _FUSED_KERNELS:
             raise ValueError(f"fused_kernels must be one of {', '.join(_FUSED_KERNELS)}, not {fused_kernels!r}")
         self.passes = resolve_passes(passes)
+        self.fused_kernels = fused_kernels
         # With aten's kernels, fused Adam is lowered only where the graph stays on
         # DTensors or a call cannot keep the kernel: after localize.
         self.deferred_passes: list[tuple[str, Pass]] = []
@@ -80,9 +81,10 @@ class FxmeshBackend:
         install()
 
     def __repr__(self) -> str:
-        names = ", ".join(name for name, _ in self.passes)
-        deferred = "".join(f", then {name}" for name, _ in self.deferred_passes)
-        return f"FxmeshBackend(passes=[{names}{deferred}], compiler={self.compiler!r})"
+        names = [name for name, _ in self.passes]
+        if self.fused_kernels == "aten":
+            names += ["aten_fused_adam (local shards)", *(name for name, _ in self.deferred_passes)]
+        return f"FxmeshBackend(passes=[{', '.join(names)}], compiler={self.compiler!r})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         counters["fxmesh"]["graphs"] += 1
@@ -102,9 +104,9 @@ class FxmeshBackend:
                 modified = run_passes(gm, self.passes)
                 # Autograd through to_local needs the DTensor; only no-grad math runs on the shards.
                 local = localize(gm, example_inputs) if self.local_shards and not records_autograd else None
-                if self.deferred_passes:
-                    deferred = [("aten_fused_adam", aten_fused_adam)] if local is not None else []
-                    modified += run_passes(gm if local is None else local.gm, deferred + self.deferred_passes)
+                if self.fused_kernels == "aten":
+                    keep = [("aten_fused_adam", aten_fused_adam)] if local is not None else []
+                    modified += run_passes(gm if local is None else local.gm, keep + self.deferred_passes)
         except EagerFallback as e:
             log.warning("fxmesh: running this graph eagerly: %s", e)
             counters["fxmesh"]["eager_fallbacks"] += 1

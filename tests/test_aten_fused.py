@@ -33,7 +33,9 @@ ATEN = fxmesh.backend(fused_kernels="aten")
 CALL = re.compile(r"torch\.ops\.fxmesh\.aten_fused_adamw?(?:_unscale)?_\.default\(" + ", ".join([r"\[([^\]]*)\]"] * 5))
 
 
-def run_exact_parity(make_opt, params, *, steps=STEPS, before_step=None, grad_views=False, grads_written=False):
+def run_exact_parity(
+    make_opt, params, *, steps=STEPS, before_step=None, grad_views=False, grads_written=False, backend=ATEN
+):
     """A compiled (aten kernels) and an eager optimizer over the same DTensors, side by side; the generated code.
 
     The kernel writes the gradients only to unscale them: ``grads_written`` says whether their version
@@ -41,7 +43,7 @@ def run_exact_parity(make_opt, params, *, steps=STEPS, before_step=None, grad_vi
     """
     eager_params = clone_params(params)
     compiled_opt, eager_opt = make_opt(params), make_opt(eager_params)
-    step = torch.compile(compiled_opt.step, backend=ATEN)
+    step = torch.compile(compiled_opt.step, backend=backend)
     with inductor_output_code() as code:
         for s in range(steps):
             set_grads([params, eager_params], s, views=grad_views)
@@ -85,6 +87,15 @@ def test_adamw_three_meshes(meshes, grad_views):
     )
     assert_aten_kernels(code, calls=3)
     assert counters["fxmesh"]["split_nodes"] == 1 and counters["fxmesh"]["aten_fused_calls"] == 3
+
+
+def test_passes_without_the_lowering(meshes):
+    """With passes that leave out lower_fused_adam, the calls still keep aten's kernel (nothing is left to lower)."""
+    backend = fxmesh.backend(fused_kernels="aten", passes=["split_by_mesh"])
+    assert "aten_fused_adam" in repr(backend)
+    make = lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)  # noqa: E731
+    _, _, code = run_exact_parity(make, dtensor_params(meshes), steps=2, backend=backend)
+    assert_aten_kernels(code, calls=3)
 
 
 def test_adam_options_tensor_lr_param_groups(meshes):
