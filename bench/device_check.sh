@@ -13,7 +13,7 @@
 #             leaves 24% (run 3 measured the step as one graph and without combo kernels)
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
-#   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh
+#   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten
 #   overhead1000  the 1000-tensor overhead workload: plain eager fused, fxmesh_aten,
 #             fxmesh, eager fused (run 3: fxmesh 15.5 ms, plain eager fused 2.79 ms)
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
