@@ -91,25 +91,26 @@ def test_scalars_computed_once_per_mesh_group(dp, ep, tp):
     assert sorted(map(int, tables)) == sorted([1, 9, TABLE_ROWS, 9]), tables
 
 
+def adam_with_options(ps) -> torch.optim.Adam:
+    """Fused Adam with amsgrad, L2 weight decay, custom betas and eps, a tensor lr, and a second param group
+    with its own tensor lr and betas that maximizes."""
+    return torch.optim.Adam(
+        [
+            {"params": ps[:4]},
+            {"params": ps[4:], "lr": torch.tensor(3e-3), "betas": (0.8, 0.95), "maximize": True},
+        ],
+        lr=torch.tensor(1e-2),
+        betas=(0.85, 0.99),
+        eps=1e-6,
+        weight_decay=0.05,
+        amsgrad=True,
+        fused=True,
+    )
+
+
 def test_adam_options_tensor_lr_param_groups(meshes):
     """Adam with amsgrad, maximize, L2 weight decay, custom betas, tensor lr and two param groups."""
-    params = dtensor_params(meshes)
-
-    def make(ps):
-        return torch.optim.Adam(
-            [
-                {"params": ps[:4]},
-                {"params": ps[4:], "lr": torch.tensor(3e-3), "betas": (0.8, 0.95), "maximize": True},
-            ],
-            lr=torch.tensor(1e-2),
-            betas=(0.85, 0.99),
-            eps=1e-6,
-            weight_decay=0.05,
-            amsgrad=True,
-            fused=True,
-        )
-
-    _, _, code = run_parity(make, params)
+    _, _, code = run_parity(adam_with_options, dtensor_params(meshes))
     assert_fully_compiled(code)
     assert counters["fxmesh"]["lowered_nodes"] >= 2
 

@@ -25,7 +25,7 @@ from tests.helpers import (
     set_grads,
     without_comments,
 )
-from tests.test_adam import STEPS, unexpected_graph_breaks
+from tests.test_adam import STEPS, adam_with_options, unexpected_graph_breaks
 from tests.test_sgd import run_local_parity
 
 ATEN = fxmesh.backend(fused_kernels="aten")
@@ -100,23 +100,7 @@ def test_passes_without_the_lowering(meshes):
 
 def test_adam_options_tensor_lr_param_groups(meshes):
     """Adam with amsgrad, maximize, L2 weight decay, a tensor lr and two param groups."""
-    params = dtensor_params(meshes)
-
-    def make(ps):
-        return torch.optim.Adam(
-            [
-                {"params": ps[:4]},
-                {"params": ps[4:], "lr": torch.tensor(3e-3), "betas": (0.8, 0.95), "maximize": True},
-            ],
-            lr=torch.tensor(1e-2),
-            betas=(0.85, 0.99),
-            eps=1e-6,
-            weight_decay=0.05,
-            amsgrad=True,
-            fused=True,
-        )
-
-    _, _, code = run_exact_parity(make, params)
+    _, _, code = run_exact_parity(adam_with_options, dtensor_params(meshes))
     groups = counters["fxmesh"]["aten_fused_calls"]
     assert groups >= 4, groups  # two param groups, each over several meshes
     assert_aten_kernels(code, calls=groups)
