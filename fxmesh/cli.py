@@ -48,6 +48,7 @@ examples:
   fxmesh inspect tests/inspect_targets.py:fused_adamw
   fxmesh inspect tests.inspect_targets:foreach_adam_step_with_graph_break --json
   fxmesh inspect mypkg/train.py:make_optimizer --world-size 16 --strict --dump /tmp/fxmesh-dump
+  fxmesh inspect tests/inspect_targets.py:fused_adamw --fused-kernels aten
 
 exit codes: 0 done; 1 --strict and the step is not fully compiled, or the step
 failed to compile or run; 2 bad TARGET or usage.
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         "can be; one file per distinct piece, see fxmesh.pieces), and Inductor's output code, into DIR",
     )
     inspect.add_argument("--strict", action="store_true", help="exit 1, saying why, unless the step is fully compiled")
+    inspect.add_argument(
+        "--fused-kernels",
+        choices=("inductor", "aten"),
+        default="inductor",
+        help="fxmesh.backend(fused_kernels=...): lower fused Adam to generated kernels (default), or keep aten's "
+        "kernel per mesh on the local shards",
+    )
     inspect.set_defaults(run=_inspect)
     return parser
 
@@ -130,7 +138,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        report = inspect_target(args.target, world_size=args.world_size, dump_dir=args.dump)
+        report = inspect_target(
+            args.target, world_size=args.world_size, dump_dir=args.dump, fused_kernels=args.fused_kernels
+        )
     except TargetError as e:
         return _fail(args, e, str(e), 2)
     except Exception as e:

@@ -393,8 +393,8 @@ class _Recorder:
 class _RecordingBackend(FxmeshBackend):
     """The fxmesh backend, reporting each graph to a recorder before and after the passes."""
 
-    def __init__(self, recorder: _Recorder) -> None:
-        super().__init__(passes=[*PASSES, recorder.after_passes])
+    def __init__(self, recorder: _Recorder, fused_kernels: str = "inductor") -> None:
+        super().__init__(passes=[*PASSES, recorder.after_passes], fused_kernels=fused_kernels)
         self.recorder = recorder
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -464,6 +464,7 @@ def inspect_step(
     optimizer: torch.optim.Optimizer | None = None,
     target: str = "",
     dump_dir: Path | None = None,
+    fused_kernels: str = "inductor",
 ) -> Report:
     """Compile ``step`` with the fxmesh backend, call it once and report.
 
@@ -471,12 +472,13 @@ def inspect_step(
     state; without, from the DTensors the compiled graphs take as inputs.
     Resets Dynamo's counters and compilation metrics first.  With ``dump_dir``
     each graph before and after the passes and Inductor's output code are
-    written there as they are produced.
+    written there as they are produced.  ``fused_kernels`` is the backend's
+    option (:func:`fxmesh.backend`).
     """
     counters.clear()
     clear_compilation_metrics()
     recorder = _Recorder(dump_dir)
-    compiled = torch.compile(step, backend=_RecordingBackend(recorder))
+    compiled = torch.compile(step, backend=_RecordingBackend(recorder, fused_kernels))
     with recorder.watching():
         start = time.perf_counter()
         compiled()
@@ -501,7 +503,9 @@ def inspect_step(
     )
 
 
-def inspect_target(target: str, *, world_size: int = 8, dump_dir: Path | None = None) -> Report:
+def inspect_target(
+    target: str, *, world_size: int = 8, dump_dir: Path | None = None, fused_kernels: str = "inductor"
+) -> Report:
     """Load TARGET in a fake world of ``world_size`` ranks, call it, and inspect the step it returns.
 
     Raises :class:`TargetError` when TARGET cannot be loaded, raises, or
@@ -515,4 +519,4 @@ def inspect_target(target: str, *, world_size: int = 8, dump_dir: Path | None = 
         except Exception as e:
             raise TargetError(f"{target} raised {error_line(e)}") from e
         step, optimizer = _step_of(value, target)
-        return inspect_step(step, optimizer=optimizer, target=target, dump_dir=dump_dir)
+        return inspect_step(step, optimizer=optimizer, target=target, dump_dir=dump_dir, fused_kernels=fused_kernels)

@@ -77,6 +77,15 @@ def test_json_clean_fused_step_passes_strict(adamw):
     assert report["problems"] == [] and report["multi_mesh_nodes"] == []
 
 
+def test_fused_kernels_aten_shows_the_kernel_per_mesh():
+    """--fused-kernels aten: aten's kernel called once per mesh, which is compiled as intended (--strict passes)."""
+    out = run_cli("inspect", f"{TARGETS}:fused_adamw", "--json", "--strict", "--fused-kernels", "aten")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["extern_calls"] == {"torch.ops.fxmesh.aten_fused_adamw_.default": 2}
+    assert report["problems"] == [] and report["local_shard_graphs"] == 1
+
+
 def test_dump_writes_graphs_and_output_code(adamw):
     """--dump: the graph with the fused call before the passes, without it after, the graphs Inductor gets
     (over the local shards: no DTensor left; one per distinct piece), and Inductor's C++ kernels."""
