@@ -105,8 +105,8 @@ class FxmeshBackend:
                 # Autograd through to_local needs the DTensor; only no-grad math runs on the shards.
                 local = localize(gm, example_inputs) if self.local_shards and not records_autograd else None
                 if self.fused_kernels == "aten":
-                    keep = [("aten_fused_adam", aten_fused_adam)] if local is not None else []
-                    modified += run_passes(gm if local is None else local.gm, keep + self.deferred_passes)
+                    passes = [("aten_fused_adam", aten_fused_adam), *self.deferred_passes]
+                    modified += run_passes(gm if local is None else local.gm, passes)
         except EagerFallback as e:
             log.warning("fxmesh: running this graph eagerly: %s", e)
             counters["fxmesh"]["eager_fallbacks"] += 1
@@ -220,11 +220,12 @@ def backend(
             of the same shapes share one compile.  Off with ``cudagraphs``.
         fused_kernels: ``"inductor"`` (default): fused optimizer calls are
             lowered to pointwise math and Inductor generates their kernels.
-            ``"aten"``: in a graph over local shards, each mesh's fused
-            Adam/AdamW call keeps aten's multi-tensor kernel (a custom op
+            ``"aten"``: each mesh's fused Adam/AdamW call over local shards
+            (or plain tensors) keeps aten's multi-tensor kernel (an op
             Inductor calls in place, :mod:`fxmesh.passes.aten_fused_adam`);
-            a graph that stays on DTensors, a scheduled float hyperparameter,
-            and fused SGD and Adagrad are lowered as by default.  For GPUs:
+            calls in a graph that stays on DTensors, a scheduled float
+            hyperparameter, and fused SGD and Adagrad are lowered as by
+            default.  For GPUs:
             on an H100 eager fused on plain tensors ran 1000 small AdamW
             parameters in 2.79 ms, the lowered step (launch-bound) in 15.5
             ms; not yet measured on one.  On the 2-core CPU, Inductor's

@@ -3,9 +3,10 @@
 Every pass is a function ``GraphModule -> PassResult`` that rewrites the graph
 in place and says whether it changed anything.  The backend and the CLI both
 run passes from :data:`PASSES`, in its order.  One pass is not in it:
-``aten_fused_adam`` works on a graph over local shards, so the backend runs it
-after localizing, and only with ``fxmesh.backend(fused_kernels="aten")``,
-deferring ``lower_fused_adam`` until then.
+``aten_fused_adam`` takes calls over plain tensors, so the backend runs it
+after localizing the graph, and only with
+``fxmesh.backend(fused_kernels="aten")``, deferring ``lower_fused_adam`` until
+then.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ no gradient's version counter.  A call whose hyperparameters Dynamo made
 symbolic (a float a scheduler changes every step) is left for the lowering,
 which takes them as float64 tensors.
 
-Pre: the graph computes on plain tensors (:func:`fxmesh.local.localize`), after
-``split_by_mesh``: every fused call holds the tensors of one mesh.  Run before
-``lower_fused_adam``, which lowers any call this pass leaves.  Post: every fused
+Pre: after ``split_by_mesh``, and after :func:`fxmesh.local.localize` has
+turned the graph's DTensors into their local shards where it can: calls over
+DTensors are left alone.  Run before ``lower_fused_adam``, which lowers any
+call this pass leaves.  Post: every fused
 Adam/AdamW call with constant hyperparameters (a tensor lr included) calls
 these ops.  Raises :class:`UnsupportedInputError` naming the parameter for
 dtypes or layouts the fused kernel does not take.

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 import fxmesh
 from tests.helpers import (
+    DEVICE,
     FP32_RTOL,
     assert_rel_close,
     assert_same_state,
@@ -22,6 +23,7 @@ from tests.helpers import (
     dtensor_params,
     grad_scaler_state,
     inductor_output_code,
+    local,
     set_grads,
     without_comments,
 )
@@ -50,14 +52,14 @@ def run_exact_parity(
             if before_step is not None:
                 before_step(s, compiled_opt, eager_opt)
             versions = [p._version for p in params]
-            grad_versions = [(p.grad._version, p.grad._local_tensor._version) for p in params]
+            grad_versions = [(p.grad._version, local(p.grad)._version) for p in params]
             eager_opt.step()
             step()
             assert_same_state(compiled_opt, eager_opt, rtol=0.0)
             # Autograd must see the in-place update of every parameter, as after eager's step.
             assert all(p._version > v for p, v in zip(params, versions)), f"step {s}: a version counter"
             for p, (v, local_v) in zip(params, grad_versions):
-                moved = (p.grad._version > v, p.grad._local_tensor._version > local_v)
+                moved = (p.grad._version > v, local(p.grad)._version > local_v)
                 assert moved == (grads_written, grads_written), f"step {s}: gradient version counters {moved}"
     return compiled_opt, eager_opt, "\n".join(code)
 
@@ -87,6 +89,23 @@ def test_adamw_three_meshes(meshes, grad_views):
     )
     assert_aten_kernels(code, calls=3)
     assert counters["fxmesh"]["split_nodes"] == 1 and counters["fxmesh"]["aten_fused_calls"] == 3
+
+
+@pytest.mark.parametrize("with_dtensors", [False, True], ids=["plain", "mixed"])
+def test_plain_tensors_and_mixed_groups(meshes, with_dtensors):
+    """Plain parameters keep aten's kernel too: alone (no DTensor, nothing to localize), and as a param group
+    of their own beside DTensors."""
+    dtensors = dtensor_params(meshes)[:3] if with_dtensors else []
+    plain = [torch.nn.Parameter(torch.randn(33, 17, device=DEVICE)), torch.nn.Parameter(torch.randn(5, device=DEVICE))]
+    n = len(dtensors)
+
+    def make(ps):
+        return torch.optim.AdamW([*([{"params": ps[:n]}] if n else []), {"params": ps[n:], "lr": 3e-2}], fused=True)
+
+    _, _, code = run_exact_parity(make, dtensors + plain, steps=3)
+    found = CALL.findall(without_comments(code))
+    assert len(found) == len({p.device_mesh for p in dtensors}) + 1, found  # a call per param group and mesh
+    assert counters["fxmesh"]["lowered_nodes"] == 0
 
 
 def test_passes_without_the_lowering(meshes):
