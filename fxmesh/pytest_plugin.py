@@ -86,11 +86,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="how many of an optimizer's steps after its first may compile new graphs; 1 allows a first step "
         "that creates state, as SGD's momentum buffers (default: 1)",
     )
+    group.addoption(
+        "--fxmesh-fused-kernels",
+        choices=("inductor", "aten"),
+        default="inductor",
+        help="compile with fxmesh.backend(fused_kernels=...): fused Adam lowered to generated kernels (default), "
+        "or aten's kernel kept per mesh on the local shards",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("fxmesh_compile"):
-        mode = CompileMode(config.getoption("fxmesh_rtol"), config.getoption("fxmesh_max_recompiles"))
+        mode = CompileMode(
+            config.getoption("fxmesh_rtol"),
+            config.getoption("fxmesh_max_recompiles"),
+            config.getoption("fxmesh_fused_kernels"),
+        )
         config.pluginmanager.register(mode, "fxmesh-compile-mode")
 
 
@@ -106,9 +117,10 @@ class _Compiled:
 class CompileMode:
     """The hooks registered by ``--fxmesh-compile``: intercept, compile and check each step."""
 
-    def __init__(self, rtol: float, max_recompiles: int) -> None:
+    def __init__(self, rtol: float, max_recompiles: int, fused_kernels: str = "inductor") -> None:
         self.rtol = rtol
         self.max_recompiles = max_recompiles
+        self.fused_kernels = fused_kernels
         self.checked = 0
         self.failed = 0
         # True while a step is being checked: the shadow's and the compiled step's
@@ -180,7 +192,10 @@ class CompileMode:
                 return step(opt, *args, **kwargs)
             compiled = self._compiled.get(opt)
             if compiled is None:
-                compiled = self._compiled[opt] = _Compiled(torch.compile(step, backend="fxmesh"))
+                import fxmesh
+
+                backend = "fxmesh" if self.fused_kernels == "inductor" else fxmesh.backend(fused_kernels="aten")
+                compiled = self._compiled[opt] = _Compiled(torch.compile(step, backend=backend))
             compiled.steps += 1
             self.checked += 1
             before = _DynamoCounts()

@@ -218,6 +218,22 @@ def test_correct_optimizers_pass_and_are_counted(pytester):
     result.stdout.fnmatch_lines([SUMMARY.format(7, 0)])
 
 
+def test_fused_kernels_aten(pytester):
+    """--fxmesh-fused-kernels aten: the fused AdamW step compiles with aten's kernel and still matches eager."""
+    report = """
+@pytest.fixture(autouse=True)
+def report_aten_calls(fresh_dynamo):
+    yield
+    print(f"aten_fused_calls={torch._dynamo.utils.counters['fxmesh']['aten_fused_calls']}")
+"""
+    result = run(
+        pytester, CORRECT, "--fxmesh-compile", "--fxmesh-fused-kernels=aten", "-s", conftest=FRESH_DYNAMO + report
+    )
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([SUMMARY.format(7, 0)])
+    assert result.stdout.str().count("aten_fused_calls=1") == 1, result.stdout.str()[-3000:]
+
+
 def test_without_the_flag_nothing_is_compiled(pytester):
     """Without --fxmesh-compile Dynamo compiles no frame and the plugin prints nothing."""
     result = run(pytester, BROKEN, conftest=FRESH_DYNAMO + NOTHING_COMPILED)
