@@ -168,10 +168,11 @@ def test_scheduled_float_lr_is_lowered(meshes):
 
 
 def test_graph_on_dtensors_is_lowered(meshes):
-    """With local_shards=False the graph stays on DTensors, where only the lowering applies."""
-    params = dtensor_params(meshes)
+    """With local_shards=False the graph stays on DTensors: their calls are lowered; a param group of plain
+    tensors in the same graph keeps aten's kernel."""
+    params = dtensor_params(meshes) + [torch.nn.Parameter(torch.randn(33, 17, device=DEVICE))]
     eager_params = clone_params(params)
-    make = lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)  # noqa: E731
+    make = lambda ps: torch.optim.AdamW([{"params": ps[:-1]}, {"params": ps[-1:], "lr": 3e-2}], fused=True)  # noqa: E731
     compiled_opt, eager_opt = make(params), make(eager_params)
     step = torch.compile(compiled_opt.step, backend=fxmesh.backend(fused_kernels="aten", local_shards=False))
     for s in range(3):
@@ -179,7 +180,8 @@ def test_graph_on_dtensors_is_lowered(meshes):
         eager_opt.step()
         step()
         assert_same_state(compiled_opt, eager_opt)
-    assert counters["fxmesh"]["aten_fused_calls"] == 0 and counters["fxmesh"]["lowered_nodes"] == 3
+    assert counters["fxmesh"]["aten_fused_calls"] == 1 and counters["fxmesh"]["lowered_nodes"] == 3
+    assert counters["fxmesh"]["local_shard_graphs"] == 0
 
 
 def test_sgd_is_lowered(meshes):
