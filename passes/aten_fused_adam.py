@@ -24,10 +24,10 @@ which takes them as float64 tensors.
 Pre: after ``split_by_mesh``, and after :func:`fxmesh.local.localize` has
 turned the graph's DTensors into their local shards where it can: calls over
 DTensors are left alone.  Run before ``lower_fused_adam``, which lowers any
-call this pass leaves.  Post: every fused
-Adam/AdamW call with constant hyperparameters (a tensor lr included) calls
-these ops.  Raises :class:`UnsupportedInputError` naming the parameter for
-dtypes or layouts the fused kernel does not take.
+call this pass leaves.  Post: every fused Adam/AdamW call over plain tensors
+with constant hyperparameters (a tensor lr included) calls these ops.  Raises
+:class:`UnsupportedInputError` naming the parameter for dtypes or layouts the
+fused kernel does not take.
 """
 
 from __future__ import annotations
