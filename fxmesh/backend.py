@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import DimDynamic
 
 from fxmesh.capture import install
 from fxmesh.errors import EagerFallback
@@ -66,7 +67,9 @@ class FxmeshBackend:
         self.compiler = compiler
         # Dynamo's guards already pin every input's size and stride; Inductor's
         # own per-input asserts cost ~2.5 us each, 1,000 per step for 200 params.
+        # Graphs with symbolic sizes keep them (see inductor_config_for).
         self.inductor_config: dict[str, Any] = {"size_asserts": False}
+        self.size_asserts_chosen = "size_asserts" in (inductor_config or {})
         if cudagraphs:  # off: whatever Inductor's config says
             self.inductor_config["triton.cudagraphs"] = True
         if combo_kernels is not None:
@@ -112,25 +115,29 @@ class FxmeshBackend:
             counters["fxmesh"]["eager_fallbacks"] += 1
             return gm.forward
         log.debug("fxmesh passes that changed the graph: %s", modified)
+        # Read from Dynamo's inputs: the local shards carry no symbolic context of their own.
+        dynamic = has_dynamic_sizes(example_inputs)
         if local is None:
-            return self._compile_in_mode(gm, example_inputs, inference)
+            return self._compile_in_mode(gm, example_inputs, inference, dynamic)
         counters["fxmesh"]["local_shard_graphs"] += 1
         compiled = None
         if self.pieces:
             compiled = compile_in_pieces(
-                local.gm, local.example_inputs, lambda gm, inputs: self._compile_in_mode(gm, inputs, inference)
+                local.gm,
+                local.example_inputs,
+                lambda gm, inputs: self._compile_in_mode(gm, inputs, inference, dynamic),
             )
         if compiled is None:
-            compiled = self._compile_in_mode(local.gm, local.example_inputs, inference)
+            compiled = self._compile_in_mode(local.gm, local.example_inputs, inference, dynamic)
         return local.wrap(compiled)
 
     def _compile_in_mode(
-        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inference: bool
+        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inference: bool, dynamic: bool
     ) -> Callable[..., Any]:
         if not inference:
-            return self._compile(gm, example_inputs)
+            return self._compile(gm, example_inputs, dynamic)
         with torch.no_grad():
-            compiled = self._compile(gm, example_inputs)
+            compiled = self._compile(gm, example_inputs, dynamic)
 
         def run_without_grad(*args: Any) -> Any:
             with torch.no_grad():
@@ -138,7 +145,7 @@ class FxmeshBackend:
 
         return run_without_grad
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], dynamic: bool) -> Callable[..., Any]:
         if self.compiler == "eager":
             return gm.forward
         if self.compiler == "aot_eager":
@@ -147,15 +154,49 @@ class FxmeshBackend:
             return aot_eager(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches=self.inductor_config_for(example_inputs))
+        return compile_fx(gm, example_inputs, config_patches=self.inductor_config_for(example_inputs, dynamic))
 
-    def inductor_config_for(self, example_inputs: Sequence[Any]) -> dict[str, Any]:
-        """The Inductor config patches of a graph with these example inputs."""
+    def inductor_config_for(self, example_inputs: Sequence[Any], dynamic: bool = False) -> dict[str, Any]:
+        """The Inductor config patches of a graph with these example inputs.
+
+        ``dynamic``: Dynamo made some size of the graph's inputs symbolic.  Such
+        a graph keeps Inductor's size asserts unless the user turned them off:
+        from torch 2.14 Inductor binds an input's size symbols to their values
+        only while it writes those asserts, and a symbol Dynamo specialized
+        away (so no placeholder passes it) is left unbound; the compiled call
+        raises ``NameError: name 's41' is not defined``.
+        """
+        config = self.inductor_config
+        if (dynamic or has_dynamic_sizes(example_inputs)) and not self.size_asserts_chosen:
+            config = {k: v for k, v in config.items() if k != "size_asserts"}
         if self.combo_kernels_on_cuda and any(
             isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs
         ):
-            return {**self.inductor_config, "combo_kernels": True}
-        return self.inductor_config
+            return {**config, "combo_kernels": True}
+        return config
+
+
+def has_dynamic_sizes(example_inputs: Sequence[Any]) -> bool:
+    """Whether some size of these graph inputs is, or will be traced as, a symbol.
+
+    Dynamo hands a backend real tensors, and AOT fakifies them again with the
+    symbolic context Dynamo recorded for each: a size that automatic dynamic
+    shapes (or ``mark_dynamic``) made dynamic shows in that context, not in the
+    tensor.  Fake inputs (a graph built from Dynamo's example values) show it
+    in their shapes.
+    """
+    context = torch._guards.TracingContext.try_get()
+    for x in example_inputs:
+        if isinstance(x, torch.SymInt):
+            return True
+        if not isinstance(x, torch.Tensor):
+            continue
+        if any(isinstance(size, torch.SymInt) for size in x.shape):
+            return True
+        symbolic = None if context is None else context.tensor_to_context.get(x)
+        if any(d is not DimDynamic.STATIC for d in getattr(symbolic, "dynamic_sizes", None) or ()):
+            return True
+    return False
 
 
 def _records_autograd(gm: torch.fx.GraphModule) -> bool:

@@ -402,10 +402,10 @@ class _RecordingBackend(FxmeshBackend):
         return super().__call__(gm, example_inputs)
 
     def _compile_in_mode(
-        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inference: bool
+        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inference: bool, dynamic: bool
     ) -> Callable[..., Any]:
         self.recorder.compiled(gm)
-        return super()._compile_in_mode(gm, example_inputs, inference)
+        return super()._compile_in_mode(gm, example_inputs, inference, dynamic)
 
 
 def _summary(node: torch.fx.Node, graph: int) -> NodeSummary | None:

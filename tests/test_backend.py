@@ -106,3 +106,46 @@ def test_inductor_config_defaults_and_overrides():
     assert fxmesh.backend().inductor_config == {"size_asserts": False}
     assert fxmesh.backend(inductor_config={"size_asserts": True}).inductor_config["size_asserts"] is True
     assert fxmesh.backend(cudagraphs=True).inductor_config == {"size_asserts": False, "triton.cudagraphs": True}
+
+
+def test_graphs_with_symbolic_sizes_keep_size_asserts(monkeypatch):
+    """Dynamo's automatic dynamic shapes give a recompiled graph symbolic sizes: Inductor's asserts bind them.
+
+    torch 2.14's Inductor binds an input's size symbols only while writing its
+    size asserts; without them the second graph below raised NameError.
+    """
+    from torch._inductor import compile_fx as compile_fx_module
+
+    patches = []
+    original = compile_fx_module.compile_fx
+
+    def recording_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        if config_patches is not None:  # not compile_fx's own call under the patches
+            patches.append(dict(config_patches))
+        return original(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+
+    def scale(g):
+        return min(1.0, 10.0 / float(g.norm()))  # a graph break: the norm is a graph of its own
+
+    def step(params):
+        for p in params:
+            p.add_(p.grad, alpha=-0.1 * scale(p.grad))
+
+    torch.manual_seed(0)
+    params = [torch.randn(6, 3), torch.randn(4), torch.randn(7)]
+    expected = [p.clone() for p in params]
+    compiled = torch.compile(step, backend=fxmesh.backend())
+    for _ in range(3):
+        for p, e in zip(params, expected):
+            p.grad = e.grad = torch.randn_like(p)
+        step(expected)
+        compiled(params)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=0)
+    assert patches[0] == {"size_asserts": False}, patches  # the first norm graph: static sizes
+    assert {} in patches[1:], patches  # a graph over (s0,) keeps Inductor's setting
+    assert not fxmesh.backend().inductor_config_for([torch.randn(3)])["size_asserts"]
+    chosen = fxmesh.backend(inductor_config={"size_asserts": False})
+    assert chosen.inductor_config_for([torch.randn(3)], dynamic=True)["size_asserts"] is False  # the user's choice

@@ -21,9 +21,9 @@ def compiled_graphs(monkeypatch):
     graphs = []
     compile_in_mode = FxmeshBackend._compile_in_mode
 
-    def recording(self, gm, example_inputs, inference):
+    def recording(self, gm, example_inputs, *args):
         graphs.append(gm)
-        return compile_in_mode(self, gm, example_inputs, inference)
+        return compile_in_mode(self, gm, example_inputs, *args)
 
     monkeypatch.setattr(FxmeshBackend, "_compile_in_mode", recording)
     return graphs
