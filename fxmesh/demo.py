@@ -117,7 +117,7 @@ class TinyMoE(torch.nn.Module):
         embed, router, w1, w2, head = (_gathered(p) for p in (self.embed, self.router, self.w1, self.w2, self.head))
         h = torch.tanh(x @ embed.T)
         gates = torch.softmax(h @ router.T, dim=-1)
-        experts = torch.einsum("ebf,efd->ebd", torch.einsum("bd,edf->ebf", h, w1).relu(), w2)
+        experts = torch.einsum("ebf,efd->ebd", F.silu(torch.einsum("bd,edf->ebf", h, w1)), w2)
         return (h + torch.einsum("be,ebd->bd", gates, experts)) @ head.T
 
 
