@@ -159,8 +159,11 @@ class FxmeshBackend:
     def inductor_config_for(self, example_inputs: Sequence[Any], dynamic: bool = False) -> dict[str, Any]:
         """The Inductor config patches of a graph with these example inputs.
 
-        ``dynamic``: Dynamo made some size of the graph's inputs symbolic.  Such
-        a graph keeps Inductor's size asserts unless the user turned them off:
+        ``dynamic``: Dynamo made some size of the frame's inputs symbolic (the
+        backend reads it off Dynamo's inputs: the local shards a graph is
+        compiled over carry no symbolic context).  Such a graph, like one whose
+        own inputs show symbolic sizes, keeps Inductor's size asserts unless
+        the user turned them off:
         from torch 2.14 Inductor binds an input's size symbols to their values
         only while it writes those asserts, and a symbol Dynamo specialized
         away (so no placeholder passes it) is left unbound; the compiled call
