@@ -149,3 +149,16 @@ def test_graphs_with_symbolic_sizes_keep_size_asserts(monkeypatch):
     assert not fxmesh.backend().inductor_config_for([torch.randn(3)])["size_asserts"]
     chosen = fxmesh.backend(inductor_config={"size_asserts": False})
     assert chosen.inductor_config_for([torch.randn(3)], dynamic=True)["size_asserts"] is False  # the user's choice
+
+
+@pytest.mark.parametrize("backend", ["fxmesh", "aot_eager"])
+def test_dynamic_true_over_dtensors_fails_in_dynamo(meshes, backend):
+    """What the README says of ``dynamic=True``: Dynamo's graph reads a parameter before defining it.
+
+    Upstream's bug (torch 2.11-2.14, any backend): this test notices when it is fixed.
+    """
+    params = [p for p in dtensor_params(meshes) if p.device_mesh is meshes["dp"]]  # one mesh: upstream's case too
+    set_grads([params], 0)
+    opt = torch.optim.AdamW(params, foreach=True)
+    with pytest.raises(Exception, match="self___param_groups_0__params___"):
+        torch.compile(opt.step, backend=backend, dynamic=True)()

@@ -23,12 +23,12 @@ STEPS = 5
 CPU_ONLY = pytest.mark.skipif(DEVICE != "cpu", reason="upstream's fused Adagrad exists for CPU only")
 
 
-def _run(meshes, make_opt, before_step=None):
+def _run(meshes, make_opt, before_step=None, fullgraph=False):
     params = dtensor_params(meshes)
     eager_params = clone_params(params)
     opt, eager_opt = make_opt(params), make_opt(eager_params)
 
-    @torch.compile(backend="fxmesh")
+    @torch.compile(backend="fxmesh", fullgraph=fullgraph)
     def train_step():
         opt.step()
 
@@ -47,6 +47,16 @@ def test_step_is_one_graph_with_its_caller(meshes):
     _run(meshes, lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), weight_decay=0.1, fused=True))
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["fxmesh"]["graphs"] == 1
+
+
+def test_step_compiles_with_fullgraph(meshes):
+    """``fullgraph=True`` holds for a function that calls the step (not for ``opt.step`` itself, as upstream)."""
+    _run(meshes, lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), fullgraph=True)
+    assert counters["fxmesh"]["graphs"] == 1
+    opt = torch.optim.AdamW(dtensor_params(meshes), fused=True)
+    set_grads([opt.param_groups[0]["params"]], 0)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="graph_break"):
+        torch.compile(opt.step, backend="fxmesh", fullgraph=True)()
 
 
 def test_step_hook_that_records_autograd(meshes):
