@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -75,13 +76,18 @@ class FxmeshBackend:
         if combo_kernels is not None:
             self.inductor_config["combo_kernels"] = combo_kernels
         self.inductor_config.update(inductor_config or {})
-        # Unless told otherwise, the graphs that run on CUDA get combo kernels.
-        self.combo_kernels_on_cuda = "combo_kernels" not in self.inductor_config
         self.streamline_guards = streamline_guards
         self.local_shards = local_shards
-        # A CUDA graph records its inputs' addresses: one compiled piece cannot serve several pieces.
-        self.pieces = pieces and not cudagraphs
+        self.pieces_option = pieces
+        self._follow_inductor_config()
         install()
+
+    def _follow_inductor_config(self) -> None:
+        """Set what follows from :attr:`inductor_config`."""
+        # Unless told otherwise, the graphs that run on CUDA get combo kernels.
+        self.combo_kernels_on_cuda = "combo_kernels" not in self.inductor_config
+        # A CUDA graph records its inputs' addresses: one compiled piece cannot serve several pieces.
+        self.pieces = self.pieces_option and not self.inductor_config.get("triton.cudagraphs")
 
     def __repr__(self) -> str:
         names = [name for name, _ in self.passes]
@@ -89,7 +95,22 @@ class FxmeshBackend:
             names += ["aten_fused_adam (local shards)", *(name for name, _ in self.deferred_passes)]
         return f"FxmeshBackend(passes=[{', '.join(names)}], compiler={self.compiler!r})"
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    def __call__(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: list[Any],
+        *,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Callable[..., Any]:
+        """Run the passes on Dynamo's graph and compile it.
+
+        ``mode`` and ``options`` are ``torch.compile``'s (Dynamo passes them on
+        to the backend): they configure Inductor for this graph as they would
+        under ``backend="inductor"`` (:meth:`with_inductor_options`).
+        """
+        if mode is not None or options:
+            return self.with_inductor_options(mode, options)(gm, example_inputs)
         counters["fxmesh"]["graphs"] += 1
         if self.streamline_guards:
             counters["fxmesh"]["streamlined_guards"] += streamline_dtensor_guards()
@@ -130,6 +151,36 @@ class FxmeshBackend:
         if compiled is None:
             compiled = self._compile_in_mode(local.gm, local.example_inputs, inference, dynamic)
         return local.wrap(compiled)
+
+    def with_inductor_options(self, mode: str | None = None, options: dict[str, Any] | None = None) -> FxmeshBackend:
+        """This backend with ``torch.compile``'s ``mode`` and ``options`` over its Inductor config.
+
+        ``mode``'s settings (``torch._inductor.list_mode_options``) apply first,
+        then ``options`` (Inductor config names, ``-`` or ``_``), over this
+        backend's own ``inductor_config``.  CUDA graphs, from a mode
+        (``"reduce-overhead"``, ``"max-autotune"``) or ``triton.cudagraphs``,
+        turn pieces off as ``cudagraphs=True`` does.
+        """
+        if self.compiler != "inductor":
+            raise ValueError(
+                f"torch.compile's mode and options configure Inductor; this fxmesh backend compiles with "
+                f"{self.compiler!r} (mode={mode!r}, options={options!r})"
+            )
+        from torch._inductor import config as inductor_config
+        from torch._inductor import list_mode_options
+
+        known = inductor_config.get_config_copy()
+        extra = dict(list_mode_options(mode)) if mode is not None else {}
+        for key, value in (options or {}).items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"torch.compile options: {key!r} is not an Inductor config option")
+            extra[name] = value
+        backend = copy.copy(self)
+        backend.inductor_config = {**self.inductor_config, **extra}
+        backend.size_asserts_chosen = self.size_asserts_chosen or "size_asserts" in extra
+        backend._follow_inductor_config()
+        return backend
 
     def _compile_in_mode(
         self, gm: torch.fx.GraphModule, example_inputs: list[Any], inference: bool, dynamic: bool
@@ -238,6 +289,8 @@ def backend(
         compiler: ``"inductor"`` (default), or ``"aot_eager"``/``"eager"`` to
             debug the passes without Inductor.
         inductor_config: Inductor config overrides applied to this compile only.
+            ``torch.compile``'s ``mode`` and ``options`` apply over them, as
+            under ``backend="inductor"`` (:meth:`FxmeshBackend.with_inductor_options`).
         streamline_guards: make Dynamo's per-call DTensor guards of the frame
             cheaper without changing what they accept
             (:func:`fxmesh.guards.streamline_dtensor_guards`).
@@ -261,7 +314,8 @@ def backend(
             only: C++ kernels on the CPU already take up to 32 parameters each.
         pieces: compile a lowered step over local shards as independent
             pieces, each distinct piece once (:mod:`fxmesh.pieces`): parameters
-            of the same shapes share one compile.  Off with ``cudagraphs``.
+            of the same shapes share one compile.  Off with CUDA graphs
+            (``cudagraphs``, ``triton.cudagraphs``, or a mode that uses them).
         fused_kernels: ``"inductor"`` (default): fused optimizer calls are
             lowered to pointwise math and Inductor generates their kernels.
             ``"aten"``: each mesh's fused Adam/AdamW call over local shards

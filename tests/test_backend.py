@@ -108,12 +108,9 @@ def test_inductor_config_defaults_and_overrides():
     assert fxmesh.backend(cudagraphs=True).inductor_config == {"size_asserts": False, "triton.cudagraphs": True}
 
 
-def test_graphs_with_symbolic_sizes_keep_size_asserts(monkeypatch):
-    """Dynamo's automatic dynamic shapes give a recompiled graph symbolic sizes: Inductor's asserts bind them.
-
-    torch 2.14's Inductor binds an input's size symbols only while writing its
-    size asserts; without them the second graph below raised NameError.
-    """
+@pytest.fixture
+def config_patches(monkeypatch):
+    """The Inductor config patches of each graph the backend compiles, in order."""
     from torch._inductor import compile_fx as compile_fx_module
 
     patches = []
@@ -125,6 +122,16 @@ def test_graphs_with_symbolic_sizes_keep_size_asserts(monkeypatch):
         return original(gm, example_inputs, config_patches=config_patches, **kwargs)
 
     monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    return patches
+
+
+def test_graphs_with_symbolic_sizes_keep_size_asserts(config_patches):
+    """Dynamo's automatic dynamic shapes give a recompiled graph symbolic sizes: Inductor's asserts bind them.
+
+    torch 2.14's Inductor binds an input's size symbols only while writing its
+    size asserts; without them the second graph below raised NameError.
+    """
+    patches = config_patches
 
     def scale(g):
         return min(1.0, 10.0 / float(g.norm()))  # a graph break: the norm is a graph of its own
@@ -162,3 +169,57 @@ def test_dynamic_true_over_dtensors_fails_in_dynamo(meshes, backend):
     opt = torch.optim.AdamW(params, foreach=True)
     with pytest.raises(Exception, match="self___param_groups_0__params___"):
         torch.compile(opt.step, backend=backend, dynamic=True)()
+
+
+@pytest.mark.parametrize(
+    ("compile_kwargs", "expected"),
+    [
+        (
+            dict(options={"size_asserts": True, "cpp.min-chunk-size": 1024}),
+            {"size_asserts": True, "cpp.min_chunk_size": 1024},
+        ),
+        (
+            dict(mode="max-autotune-no-cudagraphs"),
+            {"size_asserts": False, "max_autotune": True, "coordinate_descent_tuning": True},
+        ),
+    ],
+    ids=["options", "mode"],
+)
+def test_torch_compile_mode_and_options_configure_inductor(config_patches, compile_kwargs, expected):
+    """``torch.compile(..., backend="fxmesh", mode=/options=)`` configures Inductor as under ``backend="inductor"``."""
+
+    def make_opt(params):
+        return torch.optim.AdamW(params, lr=0.01, fused=True)
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 3)), torch.nn.Parameter(torch.randn(4))]
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, eager = make_opt(params), make_opt(eager_params)
+    step = torch.compile(opt.step, backend="fxmesh", **compile_kwargs)
+    for s in range(3):
+        set_grads([params, eager_params], s)
+        step()
+        eager.step()
+    for p, e in zip(params, eager_params):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=0)
+    assert config_patches and all(patch == expected for patch in config_patches), config_patches
+
+
+def test_cuda_graphs_from_any_source_turn_pieces_off():
+    """A CUDA graph records its inputs' addresses: no compiled piece may serve several pieces."""
+    assert fxmesh.backend().pieces
+    assert not fxmesh.backend(cudagraphs=True).pieces
+    assert not fxmesh.backend(inductor_config={"triton.cudagraphs": True}).pieces
+    for mode in ("reduce-overhead", "max-autotune"):
+        backend = fxmesh.backend().with_inductor_options(mode)
+        assert backend.inductor_config["triton.cudagraphs"] is True and not backend.pieces
+    assert fxmesh.backend().pieces, "with_inductor_options leaves the backend it was called on alone"
+
+
+def test_torch_compile_options_are_checked():
+    with pytest.raises(ValueError, match="'bogus' is not an Inductor config option"):
+        fxmesh.backend().with_inductor_options(options={"bogus": 1})
+    with pytest.raises(ValueError, match="configure Inductor; this fxmesh backend compiles with 'aot_eager'"):
+        fxmesh.backend(compiler="aot_eager").with_inductor_options("max-autotune")
+    with pytest.raises(RuntimeError, match="Unrecognized mode"):
+        fxmesh.backend().with_inductor_options("fastest")
