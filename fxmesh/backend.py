@@ -210,18 +210,17 @@ class FxmeshBackend:
     def inductor_config_for(self, example_inputs: Sequence[Any], dynamic: bool = False) -> dict[str, Any]:
         """The Inductor config patches of a graph with these example inputs.
 
-        ``dynamic``: Dynamo made some size of the frame's inputs symbolic (the
-        backend reads it off Dynamo's inputs: the local shards a graph is
-        compiled over carry no symbolic context).  Such a graph, like one whose
-        own inputs show symbolic sizes, keeps Inductor's size asserts unless
-        the user turned them off:
+        ``dynamic``: Dynamo made some size of the frame's inputs symbolic
+        (:func:`has_dynamic_sizes` of Dynamo's inputs, read once per frame: the
+        local shards a graph is compiled over carry no symbolic context).  Such
+        a graph keeps Inductor's size asserts unless the user turned them off:
         from torch 2.14 Inductor binds an input's size symbols to their values
         only while it writes those asserts, and a symbol Dynamo specialized
         away (so no placeholder passes it) is left unbound; the compiled call
         raises ``NameError: name 's41' is not defined``.
         """
         config = self.inductor_config
-        if (dynamic or has_dynamic_sizes(example_inputs)) and not self.size_asserts_chosen:
+        if dynamic and not self.size_asserts_chosen:
             config = {k: v for k, v in config.items() if k != "size_asserts"}
         if self.combo_kernels_on_cuda and any(
             isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs
