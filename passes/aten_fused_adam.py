@@ -25,12 +25,16 @@ Pre: after ``split_by_mesh``, and after :func:`fxmesh.local.localize` has
 turned the graph's DTensors into their local shards where it can: calls over
 DTensors are left alone.  Run before ``lower_fused_adam``, which lowers any
 call this pass leaves.  Post: every fused Adam/AdamW call over plain tensors
-with constant hyperparameters (a tensor lr included) calls these ops.  Raises
+with constant hyperparameters (a tensor lr included) calls these ops, with
+``grad_scale`` and ``found_inf`` on the parameters' device (copied there when
+they are not, as eager torch.optim copies them).  Raises
 :class:`UnsupportedInputError` naming the parameter for dtypes or layouts the
 fused kernel does not take.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.fx
@@ -40,7 +44,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxmesh.fused_ops import bind, fused_op
 from fxmesh.lowering import check_entry
-from fxmesh.meshes import example_value
+from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
 
 __all__ = ["ATEN_FUSED_ADAM_OPS", "CALL_TENSORS", "aten_fused_adam"]
 
@@ -105,9 +109,24 @@ def _keeps_aten_kernel(args: dict[str, object]) -> bool:
     return not any(isinstance(example_value(e), DTensor) for e in entries)
 
 
+def _moved_to(graph: torch.fx.Graph, scalar: torch.fx.Node, device: torch.device, fake_mode: Any) -> torch.fx.Node:
+    """``scalar.to(device, non_blocking=True)``, the copy eager torch.optim makes of ``grad_scale`` and ``found_inf``.
+
+    Under compile, ``Optimizer._group_tensors_by_device_and_dtype`` groups every
+    tensor under the device None, so torch.optim's own ``.to(device)`` is a no-op
+    and a CPU scalar reaches the call beside CUDA parameters.  The lowering reads
+    such a scalar as a kernel argument; aten's CUDA kernel reads it through a
+    device pointer (an illegal memory access).
+    """
+    moved = graph.call_method("to", (scalar, device), {"non_blocking": True})
+    propagate_example_value(moved, fake_mode)
+    return moved
+
+
 def aten_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
     """Replace every fused Adam/AdamW call over plain tensors with constant hyperparameters by aten's kernel."""
     graph = gm.graph
+    fake_mode = None
     modified = False
     for node in list(graph.nodes):
         op = fused_op(node)
@@ -127,6 +146,12 @@ def aten_fused_adam(gm: torch.fx.GraphModule) -> PassResult:
             grad_scale=args.get("grad_scale"),
             found_inf=args.get("found_inf"),
         )
+        for name in ("grad_scale", "found_inf") if args["params"] else ():
+            scalar, device = kwargs[name], example_value(args["params"][0]).device
+            if isinstance(scalar, torch.fx.Node) and example_value(scalar).device != device:
+                fake_mode = fake_mode or graph_fake_mode(gm)
+                with graph.inserting_before(node):
+                    kwargs[name] = _moved_to(graph, scalar, device, fake_mode)
         lists = [args[name] for name in op.list_args]
         for start in range(0, len(lists[0]), CALL_TENSORS):
             chunk = tuple(entries[start : start + CALL_TENSORS] for entries in lists)

@@ -113,13 +113,18 @@ def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = (), views: boo
                 p.grad = grad.clone()
 
 
-def grad_scaler_state(skip_step: int):
+# Where GradScaler's inputs live in the tests: GradScaler keeps them on the parameters' device; a user may
+# hand the optimizer CPU ones, which eager torch.optim copies to the device.
+SCALER_DEVICES = sorted({"cpu", DEVICE})
+
+
+def grad_scaler_state(skip_step: int, device: str = "cpu"):
     """A ``before_step(s, *opts)`` hook that sets GradScaler's inputs: grad_scale 4, found_inf at ``skip_step``."""
 
     def before_step(s, *opts):
         for opt in opts:
-            opt.grad_scale = torch.tensor(4.0)
-            opt.found_inf = torch.tensor(1.0 if s == skip_step else 0.0)
+            opt.grad_scale = torch.tensor(4.0, device=device)
+            opt.found_inf = torch.tensor(1.0 if s == skip_step else 0.0, device=device)
 
     return before_step
 

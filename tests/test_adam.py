@@ -14,6 +14,7 @@ from fxmesh.lowering import TABLE_ROWS
 from tests.helpers import (
     DEVICE,
     KERNEL_PREFIX,
+    SCALER_DEVICES,
     assert_same_state,
     clone_params,
     dtensor_params,
@@ -123,14 +124,15 @@ def test_adamw_low_precision(meshes, dtype):
     assert_fully_compiled(code)
 
 
-def test_grad_scaler_inputs(meshes):
+@pytest.mark.parametrize("scaler_device", SCALER_DEVICES)
+def test_grad_scaler_inputs(meshes, scaler_device):
     """grad_scale unscales (and writes back) the grads; found_inf=1 skips the update and the step count."""
     params = dtensor_params(meshes)
 
     compiled_opt, eager_opt, code = run_parity(
         lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, fused=True),
         params,
-        before_step=grad_scaler_state(skip_step=2),
+        before_step=grad_scaler_state(skip_step=2, device=scaler_device),
     )
     assert_fully_compiled(code)
     for pc, pe in zip(compiled_opt.param_groups[0]["params"], eager_opt.param_groups[0]["params"]):

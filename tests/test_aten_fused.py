@@ -17,6 +17,7 @@ import fxmesh
 from tests.helpers import (
     DEVICE,
     FP32_RTOL,
+    SCALER_DEVICES,
     assert_rel_close,
     assert_same_state,
     clone_params,
@@ -133,13 +134,14 @@ def test_adamw_low_precision(meshes, dtype):
     assert_aten_kernels(code, calls=3)
 
 
-def test_grad_scaler_inputs(meshes):
+@pytest.mark.parametrize("scaler_device", SCALER_DEVICES)
+def test_grad_scaler_inputs(meshes, scaler_device):
     """grad_scale unscales the grads in place; found_inf=1 skips the update and the step count."""
     params = dtensor_params(meshes)
     compiled_opt, eager_opt, code = run_exact_parity(
         lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, fused=True),
         params,
-        before_step=grad_scaler_state(skip_step=2),
+        before_step=grad_scaler_state(skip_step=2, device=scaler_device),
         grads_written=True,
     )
     assert_aten_kernels(code, calls=3)
@@ -219,6 +221,54 @@ def test_clip_and_step(dp, ep):
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["fxmesh"]["aten_fused_calls"] == 2 and counters["fxmesh"]["lowered_nodes"] == 0
     assert all(isinstance(p, DTensor) for p in params)
+
+
+def test_cpu_grad_scaler_scalars_are_copied_to_the_parameters_device():
+    """Under compile torch.optim leaves grad_scale and found_inf where GradScaler made them (it groups tensors under
+    the device None), and aten's CUDA kernel reads them through a device pointer: CPU scalars beside CUDA
+    parameters are copied to the parameters' device first, as eager torch.optim copies them (GPU run 4 hit an
+    illegal memory access).  Fake CUDA tensors, so that the CPU suite checks the graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxmesh.passes.aten_fused_adam import aten_fused_adam
+
+    graph = torch.fx.Graph()
+
+    def placeholder(name, value):
+        node = graph.placeholder(name)
+        node.meta["example_value"] = value
+        return node
+
+    with FakeTensorMode():
+        lists = [[placeholder(f"{kind}{i}", torch.empty(4, 3, device="cuda")) for i in range(2)] for kind in "pgmv"]
+        steps = [placeholder(f"step{i}", torch.empty((), device="cuda")) for i in range(2)]
+        grad_scale = placeholder("grad_scale", torch.empty(()))
+        found_inf = placeholder("found_inf", torch.empty(()))
+    call = graph.call_function(
+        torch._fused_adamw_,
+        (*lists, [], steps),
+        dict(
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.01,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        ),
+    )
+    call.meta["example_value"] = None
+    graph.output(None)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+
+    assert aten_fused_adam(gm).modified
+    (kernel,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.namespace == "fxmesh"]
+    for name, source in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        moved = kernel.kwargs[name]
+        assert moved.op == "call_method" and moved.target == "to" and moved.args[0] is source, moved.format_node()
+        assert moved.meta["example_value"].device == torch.device("cuda", 0), name
 
 
 def test_unknown_fused_kernels_value():
