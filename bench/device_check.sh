@@ -15,7 +15,8 @@
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten
 #   overhead1000  the 1000-tensor overhead workload: plain eager fused, fxmesh_aten,
-#             fxmesh, eager fused (run 3: fxmesh 15.5 ms, plain eager fused 2.79 ms)
+#             fxmesh, eager fused (run 3: fxmesh 15.5 ms, plain eager fused 2.79 ms), then
+#             fxmesh_aten_cudagraphs (the CUDA-graph target is at 1000 tensors)
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
 # Default: tests moe overhead1000 (stage limits 210 + 190 + 150 s: one device call), the stages
 # that say whether fused_kernels="aten" should be the CUDA default; then `bash
@@ -61,7 +62,7 @@ for stage in "${@:-tests moe overhead1000}"; do
             --variants eager_fused,fxmesh,fxmesh_aten,eager_fused_plain ;;
         clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip,fxmesh_clip_whole ;;
         overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-150}" --workload overhead \
-            --variants eager_fused_plain,fxmesh_aten,fxmesh,eager_fused ;;
+            --variants eager_fused_plain,fxmesh_aten,fxmesh,eager_fused,fxmesh_aten_cudagraphs ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
             --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten ;;
         overhead) bench overhead "${OVERHEAD_TIMEOUT:-160}" --workload overhead --tensors 100 --profile \
