@@ -34,11 +34,26 @@ def _mesh_local(value: Any, mesh: Any) -> Any:
     return value
 
 
+def _scalars_on(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``kwargs`` with plain ``grad_scale`` and ``found_inf`` on ``device``, where eager torch.optim copies them.
+
+    Under compile torch.optim groups the tensors under the device None, so its
+    own copy is a no-op and CPU scalars arrive beside CUDA parameters; the CUDA
+    kernels read these two through a device pointer.
+    """
+    moved = dict(kwargs)
+    for name in ("grad_scale", "found_inf"):
+        value = moved.get(name)
+        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.device != device:
+            moved[name] = value.to(device, non_blocking=True)
+    return moved
+
+
 def _per_mesh(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kwargs: dict[str, Any]) -> None:
-    locals_ = [p._local_tensor if isinstance(p, DTensor) else p for p in lists[0]]
-    if any(isinstance(t, FakeTensor) for t in locals_):
+    locals_ = [_local(p) for p in lists[0]]
+    if not locals_ or any(isinstance(t, FakeTensor) for t in locals_):
         return
-    _call_per_mesh(op, lists, kwargs)
+    _call_per_mesh(op, lists, _scalars_on(kwargs, locals_[0].device))
 
 
 def _local(value: Any) -> Any:
@@ -52,9 +67,9 @@ def _on_local_tensors(op: Callable[..., None], lists: tuple[list[torch.Tensor], 
     call is the whole update.
     """
     local_lists = [[_local(t) for t in entries] for entries in lists]
-    if any(isinstance(t, FakeTensor) for t in local_lists[0]):
+    if not local_lists[0] or any(isinstance(t, FakeTensor) for t in local_lists[0]):
         return
-    op(*local_lists, **{k: _local(v) for k, v in kwargs.items()})
+    op(*local_lists, **_scalars_on({k: _local(v) for k, v in kwargs.items()}, local_lists[0][0].device))
 
 
 @torch._dynamo.allow_in_graph

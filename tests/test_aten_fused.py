@@ -271,6 +271,20 @@ def test_cpu_grad_scaler_scalars_are_copied_to_the_parameters_device():
         assert moved.meta["example_value"].device == torch.device("cuda", 0), name
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad"])
+def test_stand_ins_copy_cpu_grad_scaler_scalars_to_the_parameters_device(monkeypatch, name):
+    """The same copy where a graph runs fxmesh's stand-in for the fused op (no lowering, an eager fallback):
+    plain parameters on another device (meta here, CUDA in use) get grad_scale and found_inf on theirs."""
+    import fxmesh.ops
+
+    seen = {}
+    monkeypatch.setattr(torch, f"_fused_{name}_", lambda *lists, **kwargs: seen.update(kwargs))
+    params = [torch.empty(4, 3, device="meta") for _ in range(2)]
+    grad_scale, found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    getattr(fxmesh.ops, f"fused_{name}_")(params, params, grad_scale=grad_scale, found_inf=found_inf, lr=0.1)
+    assert seen["grad_scale"].device.type == seen["found_inf"].device.type == "meta", seen
+
+
 def test_unknown_fused_kernels_value():
     with pytest.raises(ValueError, match="fused_kernels must be one of inductor, aten, not 'triton'"):
         fxmesh.backend(fused_kernels="triton")
