@@ -8,14 +8,17 @@
 #             capturable cases there, test_pieces the compiled pieces); test_aten_fused,
 #             test_adam and test_sgd first, since GPU run 4 found an illegal memory access in
 #             the aten kernel's GradScaler path (fixed in 882304d, not yet rerun on a GPU), then
-#             test_clip and test_train_step. Runs 3 and 4 show about 40 s per test per worker,
-#             so the whole set (about 130 tests) needs about 450 s on 12 workers: TEST_FILES
-#             picks others. A CUDA error poisons its worker for every later test (run 4: 89
-#             failures from one), so look for the first failure of each worker.
+#             test_train_step and test_clip (run 4 passed every clip test it reached). Runs 3
+#             and 4 show about 40 s per test per worker: these 83 tests need about 280 s on 12
+#             workers, the whole set (about 130) about 450 s, so the stage's limit cuts the
+#             last file short; TEST_FILES picks others. A CUDA error poisons its worker for
+#             every later test (run 4: 89 failures from one), so look for each worker's first.
 #   moe       the moe-shard benchmark, profiled with traces: fxmesh (pieces, combo kernels),
-#             fxmesh_whole (one graph: fewer launches), fxmesh_aten. GPU run 4: the combo kernels
-#             take 96% of the floor in GPU time, but the host launches them (90 us each in
-#             Inductor's static launcher) slower than the GPU runs them
+#             fxmesh_aten, fxmesh_cudagraphs (no launches from the host, but the gradients are
+#             copied into the graph's buffers: 2 GB of traffic, about 0.7 ms), fxmesh_whole (one
+#             graph: fewer launches). GPU run 4: the combo kernels take 96% of the floor in GPU
+#             time, but the host launches them (90 us each in Inductor's static launcher)
+#             slower than the GPU runs them
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten
@@ -25,11 +28,11 @@
 #             target is at 1000 tensors). fxmesh itself (run 3: 15.5 ms) compiles for over 70 s
 #             on that host, so it is left out
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
-# Default: tests overhead1000 moe (stage limits 170 + 240 + 160 s: one device call of about
-# 580 s, and a machine start of about 35 s); then `bash bench/device_check.sh overhead clip`
-# as a second call while the machine is warm (30 s), lowering the limits to what the session's
-# device time allows (run 4 had 371 s left after a first call of 498 s).  Logs land in $OUT
-# (8 files come back at most).
+# Default: tests overhead1000 moe (stage limits 150 + 225 + 200 s: one device call of about
+# 590 s, timeout_s 595, after a machine start of about 35 s); then `bash bench/device_check.sh
+# overhead clip` as a second call while the machine is warm (30 s), lowering the limits to what
+# the session's device time allows (run 4 had 371 s left after a first call of 498 s).  Logs
+# land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
 # stage cut off by its timeout still reports what it finished.
 set -uo pipefail
@@ -59,18 +62,18 @@ for stage in "${@:-tests overhead1000 moe}"; do
             start=$SECONDS
             # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core).
             FXMESH_TEST_DEVICE=cuda TORCHINDUCTOR_COMPILE_THREADS=4 \
-                timeout -s INT -k 20 ${TEST_TIMEOUT:-170} \
+                timeout -s INT -k 20 ${TEST_TIMEOUT:-150} \
                 python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
-                ${TEST_FILES:-tests/test_aten_fused.py tests/test_adam.py tests/test_sgd.py tests/test_clip.py tests/test_train_step.py} \
+                ${TEST_FILES:-tests/test_aten_fused.py tests/test_adam.py tests/test_sgd.py tests/test_train_step.py tests/test_clip.py} \
                 >"$OUT/tests_cuda.log" 2>&1
             echo "cuda tests: rc=$? in $((SECONDS - start)) s"
             echo "passed $(grep -c ' PASSED ' "$OUT/tests_cuda.log"), failed $(grep -c -E ' (FAILED|ERROR) ' "$OUT/tests_cuda.log")"
             grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16
             ;;
-        moe) bench moe_shard "${BENCH_TIMEOUT:-160}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
-            --variants eager_fused,fxmesh,fxmesh_whole,fxmesh_aten,eager_fused_plain ;;
+        moe) bench moe_shard "${BENCH_TIMEOUT:-200}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
+            --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten,fxmesh_cudagraphs,fxmesh_whole ;;
         clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip,fxmesh_clip_whole ;;
-        overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-240}" --workload overhead --profile \
+        overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-225}" --workload overhead --profile \
             --trace-dir "$OUT/traces/overhead1000" --variants eager_fused_plain,eager_fused,fxmesh_aten,fxmesh_aten_cudagraphs ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
             --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten ;;
