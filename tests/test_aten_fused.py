@@ -223,68 +223,6 @@ def test_clip_and_step(dp, ep):
     assert all(isinstance(p, DTensor) for p in params)
 
 
-def test_cpu_grad_scaler_scalars_are_copied_to_the_parameters_device():
-    """Under compile torch.optim leaves grad_scale and found_inf where GradScaler made them (it groups tensors under
-    the device None), and aten's CUDA kernel reads them through a device pointer: CPU scalars beside CUDA
-    parameters are copied to the parameters' device first, as eager torch.optim copies them (GPU run 4 hit an
-    illegal memory access).  Fake CUDA tensors, so that the CPU suite checks the graph."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from fxmesh.passes.aten_fused_adam import aten_fused_adam
-
-    graph = torch.fx.Graph()
-
-    def placeholder(name, value):
-        node = graph.placeholder(name)
-        node.meta["example_value"] = value
-        return node
-
-    with FakeTensorMode():
-        lists = [[placeholder(f"{kind}{i}", torch.empty(4, 3, device="cuda")) for i in range(2)] for kind in "pgmv"]
-        steps = [placeholder(f"step{i}", torch.empty((), device="cuda")) for i in range(2)]
-        grad_scale = placeholder("grad_scale", torch.empty(()))
-        found_inf = placeholder("found_inf", torch.empty(()))
-    call = graph.call_function(
-        torch._fused_adamw_,
-        (*lists, [], steps),
-        dict(
-            lr=1e-2,
-            beta1=0.9,
-            beta2=0.999,
-            weight_decay=0.01,
-            eps=1e-8,
-            amsgrad=False,
-            maximize=False,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        ),
-    )
-    call.meta["example_value"] = None
-    graph.output(None)
-    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-
-    assert aten_fused_adam(gm).modified
-    (kernel,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.namespace == "fxmesh"]
-    for name, source in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        moved = kernel.kwargs[name]
-        assert moved.op == "call_method" and moved.target == "to" and moved.args[0] is source, moved.format_node()
-        assert moved.meta["example_value"].device == torch.device("cuda", 0), name
-
-
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad"])
-def test_stand_ins_copy_cpu_grad_scaler_scalars_to_the_parameters_device(monkeypatch, name):
-    """The same copy where a graph runs fxmesh's stand-in for the fused op (no lowering, an eager fallback):
-    plain parameters on another device (meta here, CUDA in use) get grad_scale and found_inf on theirs."""
-    import fxmesh.ops
-
-    seen = {}
-    monkeypatch.setattr(torch, f"_fused_{name}_", lambda *lists, **kwargs: seen.update(kwargs))
-    params = [torch.empty(4, 3, device="meta") for _ in range(2)]
-    grad_scale, found_inf = torch.tensor(4.0), torch.tensor(0.0)
-    getattr(fxmesh.ops, f"fused_{name}_")(params, params, grad_scale=grad_scale, found_inf=found_inf, lr=0.1)
-    assert seen["grad_scale"].device.type == seen["found_inf"].device.type == "meta", seen
-
-
 def test_unknown_fused_kernels_value():
     with pytest.raises(ValueError, match="fused_kernels must be one of inductor, aten, not 'triton'"):
         fxmesh.backend(fused_kernels="triton")

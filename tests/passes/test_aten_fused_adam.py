@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fxmesh.errors import UnsupportedInputError
+from fxmesh.meshes import example_value
 from fxmesh.passes import aten_fused_adam as pass_module
 from fxmesh.passes.aten_fused_adam import ATEN_FUSED_ADAM_OPS, aten_fused_adam
 from tests.helpers import dtensor_params
@@ -90,3 +91,23 @@ def test_unsupported_dtype_names_the_parameter():
     gm, _ = fused_graph(torch._fused_adamw_, lists, **KWARGS)
     with pytest.raises(UnsupportedInputError, match="parameter 1: params has dtype torch.int32"):
         aten_fused_adam(gm)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_scalars_are_copied_to_the_parameters_device(device):
+    """Under compile torch.optim leaves grad_scale and found_inf where GradScaler made them (it groups the tensors
+    under the device None), and aten's CUDA kernel reads them through a device pointer (GPU run 4: an illegal
+    memory access). CPU scalars beside parameters on another device (meta here, CUDA in use) are copied to it
+    first, as eager torch.optim copies them; beside CPU parameters they are passed as they are."""
+    lists = adam_lists([torch.empty(4, 3, device=device) for _ in range(2)])
+    kwargs = {**KWARGS, "amsgrad": False, "grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(0.0)}
+    gm, _ = fused_graph(torch._fused_adamw_, lists, **kwargs)
+    assert aten_fused_adam(gm).modified
+    (call,) = _calls(gm, unscales=True)
+    for name in ("grad_scale", "found_inf"):
+        arg = call.kwargs[name]
+        if device == "cpu":
+            assert arg.op == "placeholder" and arg.name == name, arg.format_node()
+            continue
+        assert arg.op == "call_method" and arg.target == "to" and arg.args[0].name == name, arg.format_node()
+        assert example_value(arg).device.type == device, name
