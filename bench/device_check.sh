@@ -14,11 +14,12 @@
 #             last file short; TEST_FILES picks others. A CUDA error poisons its worker for
 #             every later test (run 4: 89 failures from one), so look for each worker's first.
 #   moe       the moe-shard benchmark, profiled with traces: fxmesh (pieces, combo kernels),
-#             fxmesh_aten, fxmesh_cudagraphs (no launches from the host, but the gradients are
-#             copied into the graph's buffers: 2 GB of traffic, about 0.7 ms), fxmesh_whole (one
-#             graph: fewer launches). GPU run 4: the combo kernels take 96% of the floor in GPU
-#             time, but the host launches them (90 us each in Inductor's static launcher)
-#             slower than the GPU runs them
+#             fxmesh_aten, fxmesh_cpp_wrapper, fxmesh_cudagraphs, fxmesh_whole. GPU run 4: the
+#             combo kernels take 96% of the floor in GPU time, but the host launches them (90 us
+#             each, profiled, in Inductor's static launcher, whose source calls data_ptr() and
+#             the driver's cuPointerGetAttribute for every tensor argument) slower than the GPU
+#             runs them. cpp_wrapper launches from C++ with raw pointers; CUDA graphs launch
+#             nothing from the host but copy the gradients in (2 GB of traffic, about 0.7 ms)
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten
@@ -28,7 +29,7 @@
 #             target is at 1000 tensors). fxmesh itself (run 3: 15.5 ms) compiles for over 70 s
 #             on that host, so it is left out
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
-# Default: tests overhead1000 moe (stage limits 150 + 225 + 200 s: one device call of about
+# Default: tests overhead1000 moe (stage limits 150 + 200 + 230 s: one device call of about
 # 590 s, timeout_s 595, after a machine start of about 35 s); then `bash bench/device_check.sh
 # overhead clip` as a second call while the machine is warm (30 s), lowering the limits to what
 # the session's device time allows (run 4 had 371 s left after a first call of 498 s).  Logs
@@ -70,10 +71,10 @@ for stage in "${@:-tests overhead1000 moe}"; do
             echo "passed $(grep -c ' PASSED ' "$OUT/tests_cuda.log"), failed $(grep -c -E ' (FAILED|ERROR) ' "$OUT/tests_cuda.log")"
             grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16
             ;;
-        moe) bench moe_shard "${BENCH_TIMEOUT:-200}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
-            --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten,fxmesh_cudagraphs,fxmesh_whole ;;
+        moe) bench moe_shard "${BENCH_TIMEOUT:-230}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
+            --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten,fxmesh_cpp_wrapper,fxmesh_cudagraphs,fxmesh_whole ;;
         clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip,fxmesh_clip_whole ;;
-        overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-225}" --workload overhead --profile \
+        overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-200}" --workload overhead --profile \
             --trace-dir "$OUT/traces/overhead1000" --variants eager_fused_plain,eager_fused,fxmesh_aten,fxmesh_aten_cudagraphs ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
             --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten ;;

@@ -20,6 +20,9 @@ Variants:
   fxmesh_aten        fxmesh.backend(fused_kernels="aten"): aten's fused kernel on each mesh's local
                      shards, called in place from the compiled step
   fxmesh_aten_cudagraphs  the same with cudagraphs=True (GPU)
+  fxmesh_cpp_wrapper fxmesh with Inductor's cpp_wrapper: kernels launched from C++ with raw pointers
+                     (Inductor's static launcher, by its source, calls data_ptr() and the driver's
+                     cuPointerGetAttribute for every tensor argument of every launch)
   fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
@@ -82,6 +85,7 @@ VARIANTS = (
     "fxmesh_cudagraphs",
     "fxmesh_aten",
     "fxmesh_aten_cudagraphs",
+    "fxmesh_cpp_wrapper",
     "fxmesh_skip_spec_guards",
     "eager_clip",
     "fxmesh_clip",
@@ -96,6 +100,7 @@ VARIANT_BACKEND = {
     "fxmesh_cudagraphs": {"cudagraphs": True},
     "fxmesh_aten": {"fused_kernels": "aten"},
     "fxmesh_aten_cudagraphs": {"fused_kernels": "aten", "cudagraphs": True},
+    "fxmesh_cpp_wrapper": {"inductor_config": {"cpp_wrapper": True}},
 }
 GPU_ONLY = ("fxmesh_no_combo", "fxmesh_cudagraphs", "fxmesh_aten_cudagraphs")
 
