@@ -16,10 +16,11 @@
 #   moe       the moe-shard benchmark, profiled with traces: fxmesh (pieces, combo kernels),
 #             fxmesh_aten, fxmesh_cpp_wrapper, fxmesh_cudagraphs, fxmesh_whole. GPU run 4: the
 #             combo kernels take 96% of the floor in GPU time, but the host launches them (90 us
-#             each, profiled, in Inductor's static launcher, whose source calls data_ptr() and
-#             the driver's cuPointerGetAttribute for every tensor argument) slower than the GPU
-#             runs them. cpp_wrapper launches from C++ with raw pointers; CUDA graphs launch
-#             nothing from the host but copy the gradients in (2 GB of traffic, about 0.7 ms)
+#             each, profiled, in Inductor's static launcher, whose C++ in pytorch main calls
+#             data_ptr() and the driver's cuPointerGetAttribute for every tensor argument)
+#             slower than the GPU runs them. cpp_wrapper launches from C++ with raw pointers;
+#             CUDA graphs launch nothing from the host but copy the gradients in (2 GB of
+#             traffic, about 0.7 ms)
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten

@@ -21,8 +21,8 @@ Variants:
                      shards, called in place from the compiled step
   fxmesh_aten_cudagraphs  the same with cudagraphs=True (GPU)
   fxmesh_cpp_wrapper fxmesh with Inductor's cpp_wrapper: kernels launched from C++ with raw pointers
-                     (Inductor's static launcher, by its source, calls data_ptr() and the driver's
-                     cuPointerGetAttribute for every tensor argument of every launch)
+                     (Inductor's static launcher, by pytorch main's source, calls data_ptr() and
+                     the driver's cuPointerGetAttribute for every tensor argument of every launch)
   fxmesh_skip_spec_guards  fxmesh with fxmesh.skip_guard_on_dtensor_specs_unsafe as guard_filter_fn
   eager_clip         fxmesh.clip_grad_norm_ then the eager fused step (torch's clip_grad_norm_ fails
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
