@@ -44,9 +44,8 @@ kernels an earlier variant built are reused), recompiles after the first compile
 memory increase over the parameters, grads and states (CUDA), kernels launched per step
 and their summed time with its percent of the floor (CUDA, one profiled step: the wall-clock
 minus this is where the host kept the GPU waiting), and the relative error of the parameters
-after the run against
-eager_fused's (eager_clip's for fxmesh_clip), max |a - e| / max |e| per tensor: every variant
-takes the same steps with the same gradients.
+after the run against eager_fused's (eager_clip's for fxmesh_clip), max |a - e| / max |e| per
+tensor: every variant takes the same steps with the same gradients.
 
 Examples:
   python bench/optim_step.py --workload moe-shard --scale 0.01      # CPU, 2.6M params
