@@ -27,7 +27,8 @@ __all__ = ["build_parser", "main"]
 
 DEMO_EPILOG = """\
 The dense weights are sharded on a dp mesh over all ranks, the experts on an ep
-mesh (dp_mod_ep, ep) carved from the same ranks; one optimizer holds both.
+mesh (dp_mod_ep, ep) carved from the same ranks (ep degree 2; 1 on a single
+rank, whose two meshes both hold it); one optimizer holds both.
 Prints a per-step table (loss eager, loss compiled, max parameter difference),
 the meshes, and a verdict; exit code 0 when the compiled run matches eager
 within 1e-5 and the run resumed from the halfway checkpoint continues exactly.
@@ -36,6 +37,7 @@ examples:
   fxmesh demo
   fxmesh demo --world-size 4 --steps 40 --optimizer sgd
   fxmesh demo --device cuda --world-size 8
+  fxmesh demo --device cuda --world-size 1    # one GPU
 """
 
 INSPECT_EPILOG = """\

@@ -262,6 +262,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     """Run the demo on ``config.world_size`` local processes; returns rank 0's result."""
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if config.world_size == 1:
+        # One rank (one GPU): both meshes hold it, (1,) and (1, 1); the step still spans two meshes.
+        config = dataclasses.replace(config, ep=1)
     if config.world_size % config.ep:
         raise ValueError(f"--world-size {config.world_size} is not a multiple of the ep degree {config.ep}")
     if config.experts % config.ep:

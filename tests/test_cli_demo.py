@@ -53,6 +53,16 @@ def test_demo_shows_meshes_and_the_resumed_run(demo):
     assert "[fxmesh demo] compiling" in demo.stdout  # progress while it compiles
 
 
+def test_demo_on_one_rank():
+    """One rank (one GPU) runs with an ep degree of 1: two meshes of one rank, still split per mesh, still eager's."""
+    out = run_demo("--world-size", "1", "--steps", "4")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.search(r"^dp\(dp=1\)\s+dp\s+1\s+3\s", out.stdout, re.MULTILINE), out.stdout
+    assert re.search(r"^ep\(dp_mod_ep=1, ep=1\)\s+dp_mod_ep, ep\s+1x1\s+2\s", out.stdout, re.MULTILINE), out.stdout
+    assert "split into 2 per-mesh groups" in out.stdout
+    assert "OK: 4 compiled steps matched eager" in out.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
