@@ -29,10 +29,12 @@
 #             kernels, unprofiled; compile 96 s), fxmesh_aten_cudagraphs (the CUDA-graph
 #             target is at 1000 tensors). fxmesh itself (run 3: 15.5 ms) compiles for over 70 s
 #             on that host, so it is left out
+#   demo      `fxmesh demo --device cuda --world-size 1` (one GPU: two one-rank meshes over NCCL),
+#             never run on a GPU before run 5
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
 # Default: tests overhead1000 moe (stage limits 150 + 200 + 230 s: one device call of about
 # 590 s, timeout_s 595, after a machine start of about 35 s); then `bash bench/device_check.sh
-# overhead clip` as a second call while the machine is warm (30 s), lowering the limits to what
+# demo overhead clip` as a second call while the machine is warm (30 s), lowering the limits to what
 # the session's device time allows (run 4 had 371 s left after a first call of 498 s).  Logs
 # land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
@@ -60,6 +62,12 @@ for stage in "${@:-tests overhead1000 moe}"; do
     for s in $stage; do
         case $s in
         probe) python3 bench/probe_fused_adam.py --device cuda 2>&1 | tee "$OUT/probe.txt" | grep -v -i warn ;;
+        demo)
+            start=$SECONDS
+            timeout "${DEMO_TIMEOUT:-90}" python3 -m fxmesh.cli demo --device cuda --world-size 1 >"$OUT/demo.txt" 2>&1
+            echo "demo: rc=$? in $((SECONDS - start)) s"
+            tail -n 4 "$OUT/demo.txt"
+            ;;
         tests)
             start=$SECONDS
             # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core).
