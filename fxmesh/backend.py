@@ -322,12 +322,14 @@ def backend(
             Inductor calls in place, :mod:`fxmesh.passes.aten_fused_adam`);
             calls in a graph that stays on DTensors, a scheduled float
             hyperparameter, and fused SGD and Adagrad are lowered as by
-            default.  For GPUs:
-            on an H100 eager fused on plain tensors ran 1000 small AdamW
-            parameters in 2.79 ms, the lowered step (launch-bound) in 15.5
-            ms; not yet measured on one.  On the 2-core CPU, Inductor's
-            kernels are faster (200 tensors of 10x1280: 1.12 against 1.67
-            ms), and only they fuse clipping's product into the update.
+            default.  On an H100 (``bench/RESULTS.md``, GPU run 4) it
+            launches fewer kernels, which pays where the host cannot keep up
+            with the GPU (200 tensors of 1024x1280: 4.78 against 5.20 ms per
+            step), but its kernels move bytes more slowly (89% against 96% of
+            the copy-bandwidth floor in GPU time).  On the 2-core CPU,
+            Inductor's kernels are faster (200 tensors of 10x1280: 1.12
+            against 1.67 ms), and only they fuse clipping's product into the
+            update.
     """
     return FxmeshBackend(
         passes=passes,
