@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fxmesh
-from tests.helpers import dtensor_params, set_grads
+from tests.helpers import clone_params, dtensor_params, set_grads
 from tests.test_adam import run_parity
 
 FUSED_STEP_SCRIPT = textwrap.dedent(
@@ -193,7 +193,7 @@ def test_torch_compile_mode_and_options_configure_inductor(config_patches, compi
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(6, 3)), torch.nn.Parameter(torch.randn(4))]
-    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    eager_params = clone_params(params)
     opt, eager = make_opt(params), make_opt(eager_params)
     step = torch.compile(opt.step, backend="fxmesh", **compile_kwargs)
     for s in range(3):
