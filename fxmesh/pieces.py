@@ -39,7 +39,8 @@ type), and its inputs' shapes, strides, dtypes, devices, ``requires_grad`` and
 which of them share storage.
 
 Nothing is split (``None``) where a graph has inputs that are not tensors or
-returns a value the first piece does not compute; where nodes the lowering did
+have symbolic sizes (Dynamo recompiled the step for other shapes), or returns a
+value the first piece does not compute; where nodes the lowering did
 not emit (other than the scalar math above) read what the lowered nodes
 compute, or are read by them other than as 0-dim values, or touch (or change
 global state) after lowered nodes that touch the same tensors; or where
@@ -104,6 +105,10 @@ def _writes(node: torch.fx.Node) -> bool:
 def _storage(value: torch.Tensor) -> StorageWeakRef:
     """The storage's identity (fake tensors have one too)."""
     return StorageWeakRef(value.untyped_storage())
+
+
+def _is_symbolic(value: torch.Tensor) -> bool:
+    return not all(isinstance(d, int) for d in (*value.shape, *value.stride(), value.storage_offset()))
 
 
 def _metadata(value: Any) -> tuple[Any, ...]:
@@ -450,6 +455,11 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
         return None
     sources = {**leaves, **{n: n.meta.get("example_value") for n in split.carried}}
     if not all(isinstance(sources[n], torch.Tensor) for n in split.carried):
+        return None
+    if any(_is_symbolic(v) for v in sources.values()):
+        # Dynamo makes sizes symbolic when it recompiles a frame for other shapes (a second optimizer),
+        # and then the parameters' and states' example values have them: keep such a graph whole.
+        log.debug("fxmesh: compiling whole: an input has symbolic sizes")
         return None
     by_key: dict[tuple[Any, ...], list[_Piece]] = {}
     for nodes in split.components:
