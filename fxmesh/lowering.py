@@ -231,6 +231,26 @@ def _symbolic_float_as_tensor(
     return tensor
 
 
+def _is_symbolic_int(value: torch.fx.Node) -> bool:
+    return isinstance(example_value(value), torch.SymInt)
+
+
+def _symbolic_int_as_tensor(
+    graph: torch.fx.Graph, node: torch.fx.Node, value: torch.fx.Node, fake_mode: Any
+) -> torch.fx.Node:
+    """A float64 tensor holding an int hyperparameter that Dynamo made symbolic.
+
+    torch.optim's defaults are ints in places (``Adam(weight_decay=0)``,
+    ``SGD(momentum=0)``); where one optimizer has the int and another a float, or
+    two have different ints, Dynamo recompiles the shared step code with the int
+    as a graph input.  The fused kernel takes it as a double.
+    """
+    with graph.inserting_before(node):
+        tensor = graph.call_function(torch.scalar_tensor, (value,), {"dtype": torch.float64})
+    propagate_example_value(tensor, fake_mode)
+    return tensor
+
+
 def _layout(node: torch.fx.Node) -> tuple[Any, ...] | None:
     value = example_value(node)
     local = value._local_tensor if isinstance(value, DTensor) else value
@@ -283,9 +303,9 @@ def lower_fused_calls(
     """Replace every fused call whose op is in ``op_names`` by what ``emit`` traces, in its place.
 
     A hyperparameter in ``tensor_hyperparameters`` that Dynamo made a symbolic
-    float reaches ``emit`` as a 0-dim float64 tensor (see
-    :func:`_symbolic_float_as_tensor`); any other symbolic one makes the graph
-    run eagerly.
+    float or int reaches ``emit`` as a 0-dim float64 tensor (see
+    :func:`_symbolic_float_as_tensor`, :func:`_symbolic_int_as_tensor`); any
+    other symbolic one makes the graph run eagerly.
     """
     graph = gm.graph
     tracer = GraphAppendingTracer(graph)
@@ -309,15 +329,18 @@ def lower_fused_calls(
         for name, value in args.items():
             if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
                 source = _float64_source(value) if name in tensor_hyperparameters else None
-                if source is None:
+                if source is None and not (name in tensor_hyperparameters and _is_symbolic_int(value)):
                     raise EagerFallback(
                         f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
-                        "between compiles); fxmesh lowers constant hyperparameters, a tensor lr, and a float "
-                        f"{', '.join(tensor_hyperparameters)} that Dynamo reads from a tensor"
+                        "between compiles); fxmesh lowers constant hyperparameters, a tensor lr, and a symbolic "
+                        f"{', '.join(tensor_hyperparameters)} that is an int or a float Dynamo reads from a tensor"
                     )
                 symbolic[name] = source
         for name, source in symbolic.items():
-            args[name] = _symbolic_float_as_tensor(graph, node, source, args[name], fake_mode)
+            if source is None:
+                args[name] = _symbolic_int_as_tensor(graph, node, args[name], fake_mode)
+            else:
+                args[name] = _symbolic_float_as_tensor(graph, node, source, args[name], fake_mode)
         before = node.prev
         with graph.inserting_before(node):
             emit(op, args, proxy)

@@ -216,6 +216,41 @@ def test_symbolic_hyperparameters_compute_what_constants_do(meshes, monkeypatch,
         torch.testing.assert_close(symbolic, constant, rtol=0, atol=0, msg=lambda m, i=i: f"state tensor {i}: {m}")
 
 
+# Two optimizers of one class in one process, the second with torch.optim's int defaults where the first has
+# floats: Dynamo recompiles the shared step code with those ints as graph inputs.
+SECOND_OPTIMIZERS = {
+    "adam-weight-decay-0": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, fused=True),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),  # weight_decay=0
+    ),
+    "sgd-dampening-0": (
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.1, fused=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=True),  # dampening=0
+    ),
+    "adagrad-lr-decay-0": (
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2, lr_decay=0.01, weight_decay=0.1, fused=True),
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2, fused=True),  # lr_decay=0, weight_decay=0
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[CPU_ONLY] if n.startswith("adagrad") else []) for n in SECOND_OPTIMIZERS]
+)
+def test_int_hyperparameters_of_a_second_optimizer_are_compiled(meshes, caplog, name):
+    """A second optimizer whose hyperparameters are ints where the first's were floats (torch.optim's defaults,
+    ``Adam(weight_decay=0)``): Dynamo passes them as symbolic ints, which the lowering takes as float64 tensors.
+    Both steps compile and match eager on the local shards (this ran eagerly before)."""
+    first, second = SECOND_OPTIMIZERS[name]
+    with caplog.at_level(logging.WARNING, logger="fxmesh.backend"):
+        run_local_parity(first, dtensor_params(meshes), steps=2)
+        graphs = counters["fxmesh"]["graphs"]
+        run_local_parity(second, dtensor_params(meshes, seed=1), steps=3)
+    assert counters["fxmesh"]["eager_fallbacks"] == 0, caplog.text
+    assert counters["fxmesh"]["graphs"] > graphs
+    assert counters["fxmesh"]["lowered_nodes"] == 3 * counters["fxmesh"]["graphs"]  # one call per mesh
+
+
 def test_symbolic_hyperparameter_a_lowering_does_not_take_runs_eagerly(meshes, caplog):
     """A lowering that takes no symbolic hyperparameter leaves that graph to run eagerly, with one warning
     naming it, and the step still matches eager."""
