@@ -8,6 +8,7 @@ bookkeeping, and calls the pass's ``emit`` for the math of one call.
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,8 @@ __all__ = [
     "with_weight_decay",
     "write_back",
 ]
+
+log = logging.getLogger(__name__)
 
 # The type the fused kernels compute in, per parameter dtype.
 OPMATH = {
@@ -286,6 +289,15 @@ def _order_by_layout(op: FusedOp, args: dict[str, Any]) -> None:
     """
     layouts = [_layout(p) for p in args[op.list_args[0]]]
     if None in layouts:
+        # Parameters keep their shapes, so symbolic sizes only cost compile time, and a lot of it: DTensor's
+        # sharding propagation caches nothing for them, and the step compiles whole (fxmesh.pieces).
+        log.warning(
+            "fxmesh: fused %s: Dynamo traced the parameters with symbolic sizes (automatic dynamic shapes: this "
+            "code was compiled before for other shapes, as for another optimizer), which compiles several times "
+            "slower; torch.compile(..., dynamic=False) keeps them static (a float lr that changes every step then "
+            "recompiles every step: make it a tensor)",
+            op.name,
+        )
         return
     order = sorted(range(len(layouts)), key=layouts.__getitem__)
     for name in op.list_args:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import operator
 
 import pytest
@@ -143,22 +144,26 @@ def test_one_compiled_piece_runs_every_piece(dp, monkeypatch):
     assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 1
 
 
-def test_a_recompile_for_other_shapes_compiles_whole(dp, monkeypatch):
-    """A second optimizer of other shapes: Dynamo recompiles the step with symbolic sizes, which stays one graph.
+def test_a_recompile_for_other_shapes_compiles_whole(dp, monkeypatch, caplog):
+    """A second optimizer of other shapes: Dynamo recompiles the step with symbolic sizes, which stays one graph,
+    with a warning that points to ``dynamic=False``; a third one compiled so splits again.
 
-    Both optimizers' steps match eager fused Adam on plain tensors.  (The pieces' keys cannot hold symbolic
+    Every optimizer's steps match eager fused Adam on plain tensors.  (The pieces' keys cannot hold symbolic
     sizes; this raised ``unhashable type: non-nested SymInt`` before.)
     """
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
     monkeypatch.setattr(importlib.import_module("fxmesh.lowering"), "TABLE_ROWS", 2)  # a component per 2 parameters
-    for shape, pieces in (((4, 4), 2), ((2, 8), 0)):
+    for shape, dynamic, pieces in (((4, 4), None, 2), ((2, 8), None, 0), ((8, 2), False, 2)):
         counters.clear()
+        caplog.clear()
         params = _params([dp], 4, [shape])
         ref, ref_opt = _reference(params, torch.optim.Adam, lr=1e-2)
         opt = torch.optim.Adam(params, lr=1e-2, fused=True)
-        step = torch.compile(opt.step, backend=fxmesh.backend(compiler="aot_eager"))
-        _step_and_compare(params, opt, ref_opt, ref, step)
+        step = torch.compile(opt.step, backend=fxmesh.backend(compiler="aot_eager"), dynamic=dynamic)
+        with caplog.at_level(logging.WARNING, logger="fxmesh.lowering"):
+            _step_and_compare(params, opt, ref_opt, ref, step)
         assert counters["fxmesh"]["local_shard_graphs"] == 1 and counters["fxmesh"]["pieces"] == pieces
+        assert ("dynamic=False" in caplog.text) == (pieces == 0), caplog.text
 
 
 def test_pieces_off(dp):
