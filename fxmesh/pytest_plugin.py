@@ -15,8 +15,9 @@ error, when:
 - Dynamo breaks the graph inside the step (torch.optim's own
   ``torch._dynamo.graph_break()`` around every step does not count) or gives
   up on a frame of it and runs that eagerly (from then on Dynamo skips that
-  code until ``torch._dynamo.reset()``, which tests/conftest.py calls around
-  every test),
+  code until ``torch._dynamo.reset()``, which compile mode calls before every
+  test: each test's optimizers compile afresh, and Dynamo's recompile limit of
+  8 per code object counts one test's optimizers of a class),
 - more than ``--fxmesh-max-recompiles`` of the optimizer's steps after its
   first compile new graphs.
 
@@ -130,6 +131,12 @@ class CompileMode:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
+        import torch
+
+        # Dynamo keeps every compiled step of a code object until reset, and torch.optim's step functions
+        # are shared by every optimizer of a class: past its recompile limit (8) Dynamo would run them
+        # eagerly for the rest of the session, unchecked.  Each test's optimizers compile afresh.
+        torch._dynamo.reset()
         with self._intercepting():
             return (yield)
 

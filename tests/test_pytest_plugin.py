@@ -218,6 +218,32 @@ def test_correct_optimizers_pass_and_are_counted(pytester):
     result.stdout.fnmatch_lines([SUMMARY.format(7, 0)])
 
 
+def test_many_optimizers_of_one_class_in_a_session(pytester):
+    """Twelve tests with an AdamW each and no conftest that resets Dynamo: every step compiles and is checked
+    (compile mode resets Dynamo before each test; the 9th optimizer hit Dynamo's recompile limit before, and the
+    later ones ran eagerly, counted as checked)."""
+    many = """
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_adamw(i):
+    torch.manual_seed(i)
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = torch.optim.AdamW(params, lr=0.01, fused=True)
+    for _ in range(2):
+        params[0].grad = torch.randn(4, 3)
+        opt.step()
+    print(f"fxmesh_graphs={torch._dynamo.utils.counters['fxmesh']['graphs']}")
+"""
+    result = run(pytester, many, "--fxmesh-compile", "-s", conftest="")
+    result.assert_outcomes(passed=12)
+    result.stdout.fnmatch_lines([SUMMARY.format(24, 0)])
+    # The counters outlive Dynamo's reset: one more fxmesh graph in every test.
+    assert "fxmesh_graphs=12" in result.stdout.str(), result.stdout.str()[-3000:]
+
+
 def test_fused_kernels_aten(pytester):
     """--fxmesh-fused-kernels aten: the fused AdamW step compiles with aten's kernel and still matches eager."""
     report = """
