@@ -280,29 +280,22 @@ def table_groups(params: list[torch.fx.Node]) -> list[list[int]]:
     return groups
 
 
-def _order_by_layout(op: FusedOp, args: dict[str, Any]) -> None:
+def _order_by_layout(op: FusedOp, args: dict[str, Any]) -> bool:
     """Reorder the call's lists so that parameters of one local shape and dtype are next to each other.
 
     Each parameter's update is independent of the others', so the order is
     free; sorted, the scalar tables group parameters of one layout, and
-    :mod:`fxmesh.pieces` compiles such groups once.
+    :mod:`fxmesh.pieces` compiles such groups once.  False (lists left as they
+    are) where a parameter has symbolic sizes.
     """
     layouts = [_layout(p) for p in args[op.list_args[0]]]
     if None in layouts:
-        # Parameters keep their shapes, so symbolic sizes only cost compile time, and a lot of it: DTensor's
-        # sharding propagation caches nothing for them, and the step compiles whole (fxmesh.pieces).
-        log.warning(
-            "fxmesh: fused %s: Dynamo traced the parameters with symbolic sizes (automatic dynamic shapes: this "
-            "code was compiled before for other shapes, as for another optimizer), which compiles several times "
-            "slower; torch.compile(..., dynamic=False) keeps them static (a float lr that changes every step then "
-            "recompiles every step: make it a tensor)",
-            op.name,
-        )
-        return
+        return False
     order = sorted(range(len(layouts)), key=layouts.__getitem__)
     for name in op.list_args:
         if args[name]:
             args[name] = [args[name][i] for i in order]
+    return True
 
 
 def lower_fused_calls(
@@ -323,6 +316,7 @@ def lower_fused_calls(
     tracer = GraphAppendingTracer(graph)
     fake_mode = None
     modified = False
+    warned = False
 
     def proxy(n: Any) -> Any:
         return Proxy(n, tracer) if isinstance(n, torch.fx.Node) else n
@@ -335,7 +329,17 @@ def lower_fused_calls(
         for name in op.list_args:
             for i, entry in enumerate(args[name]):
                 check_entry(op.name, i, name, entry, scalar_lists)
-        _order_by_layout(op, args)
+        if not _order_by_layout(op, args) and not warned:
+            # Parameters keep their shapes, so symbolic sizes only cost compile time, and a lot of it: DTensor's
+            # sharding propagation caches nothing for them, and the step compiles whole (fxmesh.pieces).
+            log.warning(
+                "fxmesh: fused %s: Dynamo traced the parameters with symbolic sizes (automatic dynamic shapes: "
+                "this code was compiled before for other shapes, as for another optimizer), which compiles "
+                "several times slower; torch.compile(..., dynamic=False) keeps them static (a float lr that "
+                "changes every step then recompiles every step: make it a tensor)",
+                op.name,
+            )
+            warned = True
         fake_mode = fake_mode or graph_fake_mode(gm)
         symbolic = {}
         for name, value in args.items():
