@@ -57,6 +57,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import has_free_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fxmesh.lowering import LOWERED_META
@@ -105,10 +106,6 @@ def _writes(node: torch.fx.Node) -> bool:
 def _storage(value: torch.Tensor) -> StorageWeakRef:
     """The storage's identity (fake tensors have one too)."""
     return StorageWeakRef(value.untyped_storage())
-
-
-def _is_symbolic(value: torch.Tensor) -> bool:
-    return not all(isinstance(d, int) for d in (*value.shape, *value.stride(), value.storage_offset()))
 
 
 def _metadata(value: Any) -> tuple[Any, ...]:
@@ -456,7 +453,7 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
     sources = {**leaves, **{n: n.meta.get("example_value") for n in split.carried}}
     if not all(isinstance(sources[n], torch.Tensor) for n in split.carried):
         return None
-    if any(_is_symbolic(v) for v in sources.values()):
+    if any(has_free_symbols(v) for v in sources.values()):
         # Dynamo makes sizes symbolic when it recompiles a frame for other shapes (a second optimizer),
         # and then the parameters' and states' example values have them: keep such a graph whole.
         log.debug("fxmesh: compiling whole: an input has symbolic sizes")
