@@ -82,7 +82,10 @@ def _sharding_groups(
         if isinstance(t, DTensor):
             if any(p.is_partial() for p in t.placements):
                 t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
-            dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
+            # Every mesh dim left that is not Replicate splits the tensor: Shard, and
+            # FSDP2's _StridedShard (an expert's rows already split over ep), whose
+            # is_shard() is False.
+            dims = tuple(d for d, p in enumerate(t.placements) if not p.is_replicate())
             mesh = t.device_mesh if dims else None
             t = _local(t)
         for group_mesh, group_dims, indices in groups:

@@ -15,6 +15,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 import fxmesh
 from fxmesh import world
@@ -33,10 +34,11 @@ LAYOUT = [
     ("ep", (6, 10), [Replicate(), Shard(1)]),
     ("ep", (4, 4), [Replicate(), Replicate()]),
     ("ep", (6, 3), [Partial(), Shard(0)]),  # not yet reduced over dp_mod_ep
+    ("ep", (8, 3), [_StridedShard(0, split_factor=2), Shard(0)]),  # FSDP2 over ep-sharded experts
     (None, (9,), None),
 ]
 # Fused AdamW has no use for Partial gradients or plain tensors beside DTensors.
-STEP_LAYOUT = LAYOUT[:7]
+STEP_LAYOUT = [(mesh, shape, pl) for mesh, shape, pl in LAYOUT if mesh and not any(p.is_partial() for p in pl)]
 PARTIAL_WEIGHTS = (0.25, 0.75)  # each dp_mod_ep coordinate's share of a Partial gradient
 
 
