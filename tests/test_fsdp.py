@@ -26,7 +26,7 @@ from fxmesh import world
 from tests.helpers import FP32_RTOL
 
 WORLD_SIZE = 4
-DIM, EXPERTS, HIDDEN = 16, 4, 24
+DIM, EXPERTS, HIDDEN = 18, 6, 20  # uneven: 18 rows over 4 ranks, 3 experts per ep rank over 2
 STEPS = 5
 MAX_NORM = 0.5
 
