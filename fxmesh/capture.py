@@ -145,7 +145,10 @@ def _spans_meshes_beside_plain_tensors(fn: Any, args: Any, kwargs: Any) -> bool:
     if not getattr(fn, "__name__", "").startswith("_foreach_"):
         return False
     values = [v for var in (*args, *kwargs.values()) for v in _traced_values(var) if isinstance(v, torch.Tensor)]
-    meshes = {id(v.device_mesh) for v in values if isinstance(v, DTensor)}
+    meshes: list[Any] = []  # by value, as DTensor compares them (FSDP2 makes equal copies)
+    for v in values:
+        if isinstance(v, DTensor) and not any(m == v.device_mesh for m in meshes):
+            meshes.append(v.device_mesh)
     return len(meshes) > 1 and any(not isinstance(v, DTensor) for v in values)
 
 

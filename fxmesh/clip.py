@@ -89,7 +89,7 @@ def _sharding_groups(
             mesh = t.device_mesh if dims else None
             t = _local(t)
         for group_mesh, group_dims, indices in groups:
-            if group_mesh is mesh and group_dims == dims:
+            if group_mesh == mesh and group_dims == dims:
                 indices.append(i)
                 break
         else:
@@ -227,12 +227,17 @@ def clip_grad_norm_(
 
 
 def spans_meshes(tensors: Iterable[Any]) -> bool:
-    """Whether ``tensors`` hold DTensors on more than one mesh, or DTensors beside plain tensors."""
+    """Whether ``tensors`` hold DTensors on more than one mesh, or DTensors beside plain tensors.
+
+    Meshes compare as DTensor compares them, by value: FSDP2 gives each
+    parameter on a 2-D mesh a mesh object of its own, and upstream's norm
+    takes DTensors on equal meshes (and returns a DTensor, which callers use).
+    """
     meshes: list[Any] = []
     plain = False
     for t in tensors:
         if isinstance(t, DTensor):
-            if not any(m is t.device_mesh for m in meshes):
+            if not any(m == t.device_mesh for m in meshes):
                 meshes.append(t.device_mesh)
         elif isinstance(t, torch.Tensor):
             plain = True

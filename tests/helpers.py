@@ -145,3 +145,18 @@ def assert_same_state(compiled_opt, eager_opt, rtol: float | None = None) -> Non
                     assert sc[k].dtype == se[k].dtype and type(sc[k]) is type(se[k])
                 else:
                     assert_rel_close(sc[k], se[k], tol, f"group {gi} param {i} state {k}")
+
+
+def titan_clip(params, max_norm: float) -> torch.Tensor:
+    """torchtitan's clipping with expert parallelism: a norm per group of parameters on one mesh, combined.
+
+    Experts are the parameters on 2-D meshes, dense weights those on 1-D ones.
+    """
+    experts = [p for p in params if p.device_mesh.ndim == 2]
+    dense = [p for p in params if p.device_mesh.ndim == 1]
+    expert_norm = torch.nn.utils.get_total_norm([p.grad for p in experts]).full_tensor()
+    dense_norm = torch.nn.utils.get_total_norm([p.grad for p in dense]).full_tensor()
+    total = (expert_norm**2 + dense_norm**2) ** 0.5
+    torch.nn.utils.clip_grads_with_norm_(experts, max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    return total

@@ -8,6 +8,7 @@ once per module; the tests read its results.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 import fxmesh
 from fxmesh import world
-from tests.helpers import FP32_RTOL, assert_rel_close, inductor_output_code, rel_error, shard
+from tests.helpers import FP32_RTOL, assert_rel_close, inductor_output_code, rel_error, shard, titan_clip
 
 WORLD_SIZE = 4
 COMPILED_NORM_TYPES = (2.0, 1.0, math.inf, 3.0)
@@ -272,6 +273,47 @@ def test_one_mesh_keeps_upstream_result(meshes):
     norm = torch.compile(torch.nn.utils.clip_grad_norm_, backend="fxmesh")(params, 1e6)
     assert isinstance(norm, DTensor) and norm.placements == eager.placements
     torch.testing.assert_close(norm.to_local(), eager.to_local())
+
+
+def test_equal_meshes_are_one_mesh(meshes):
+    """DTensors on equal meshes that are different objects (FSDP2 gives every parameter on a 2-D mesh
+    a mesh object of its own) are on one mesh, as DTensor sees them: torch's norm over them keeps
+    upstream's DTensor result, and torchtitan's per-mesh clipping compiles with the step in one graph.
+    """
+    ep_again = copy.copy(meshes["ep"])
+    assert ep_again == meshes["ep"] and ep_again is not meshes["ep"]
+    g = torch.Generator().manual_seed(3)
+    layout = [(meshes["dp"], (16, 4), [Shard(0)]), (meshes["ep"], (8, 6), [Shard(0), Replicate()])]
+    layout.append((ep_again, (8, 2), [Shard(0), Replicate()]))
+    fulls = [torch.randn(shape, generator=g) for _, shape, _ in layout]
+    params, ref = ([torch.nn.Parameter(shard(f, m, pl)) for f, (m, _, pl) in zip(fulls, layout)] for _ in range(2))
+    expert_grads = [shard(torch.randn(shape, generator=g), m, pl) for m, shape, pl in layout[1:]]
+    norm = torch.compile(torch.nn.utils.get_total_norm, backend="fxmesh")(expert_grads)
+    eager = torch.nn.utils.get_total_norm(expert_grads)
+    assert isinstance(norm, DTensor) and norm.placements == eager.placements
+    torch.testing.assert_close(norm.to_local(), eager.to_local())
+
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=torch.tensor(1e-2), fused=True)
+    counters.clear()
+
+    @torch.compile(backend="fxmesh", fullgraph=True)
+    def clip_and_step() -> torch.Tensor:
+        total = titan_clip(params, 0.5)
+        opt.step()
+        return total
+
+    for _ in range(3):
+        for p, r, (m, shape, pl) in zip(params, ref, layout):
+            p.grad = shard(torch.randn(shape, generator=g), m, pl)
+            r.grad = p.grad.clone()
+        total = clip_and_step()
+        ref_total = titan_clip(ref, 0.5)
+        ref_opt.step()
+        assert_rel_close(total, ref_total, FP32_RTOL, "norm")
+        for i, (p, r) in enumerate(zip(params, ref)):
+            assert_rel_close(p, r, FP32_RTOL, f"parameter {i}")
+    assert counters["fxmesh"]["graphs"] == 1
 
 
 def test_other_backends_unchanged(meshes):
