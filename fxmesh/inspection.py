@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 _KERNEL_DEF = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.MULTILINE)
 # Calls that leave Inductor's kernels: extern kernels and ATen (or other op) fallbacks.
 _EXTERN_CALL = re.compile(r"(?<![\w.])(extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\(")
-_OPTIMIZER_OP = re.compile(r"\.(_fused_(?:adam|adamw|sgd|adagrad)_?|_foreach_\w+)\b")
+# Optimizer math that Inductor should have generated.  Not ``_foreach_norm``: clipping's
+# norms, which Inductor lowers under no backend (aten's multi-tensor kernel runs them).
+_OPTIMIZER_OP = re.compile(r"\.(_fused_(?:adam|adamw|sgd|adagrad)_?|_foreach_(?!norm\b)\w+)\b")
 
 
 class TargetError(Exception):
