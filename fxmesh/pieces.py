@@ -267,7 +267,10 @@ def _leaves(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[tor
     placeholders = gm.graph.find_nodes(op="placeholder")
     if len(placeholders) != len(example_inputs):
         return None
-    leaves = dict(zip(placeholders, example_inputs))
+    # Inputs nothing reads are in no piece.  Dynamo lifts the size symbols of a gradient that is a
+    # view (FSDP2's, of its reduce-scatter buffer: from torch 2.13 traced with symbolic sizes) as
+    # inputs, and after the lowering equated the gradients' sizes with the parameters' no node reads them.
+    leaves = {p: v for p, v in zip(placeholders, example_inputs) if p.users or isinstance(v, torch.Tensor)}
     for node in gm.graph.find_nodes(op="get_attr"):
         leaves[node] = operator.attrgetter(node.target)(gm)
     if not all(isinstance(v, torch.Tensor) for v in leaves.values()):
