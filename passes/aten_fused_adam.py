@@ -19,7 +19,8 @@ gradients only when it unscales them (``grad_scale``): the ``*_unscale_`` ops
 declare them written, the others read-only, so a step without GradScaler bumps
 no gradient's version counter.  A call whose hyperparameters Dynamo made
 symbolic (a float a scheduler changes every step) is left for the lowering,
-which takes them as float64 tensors.
+which takes them as float64 tensors; so is a call where some parameter's
+gradient or state is laid out otherwise than the parameter (see :func:`_laid_out_alike`).
 
 Pre: after ``split_by_mesh``, and after :func:`fxmesh.local.localize` has
 turned the graph's DTensors into their local shards where it can: calls over
@@ -100,13 +101,29 @@ _OP_NAMES = {name for name, _ in ATEN_FUSED_ADAM_OPS}
 
 
 def _keeps_aten_kernel(args: dict[str, object]) -> bool:
-    """Whether a call's hyperparameters are constants (or a tensor lr) and its tensors plain."""
+    """Whether a call's hyperparameters are constants (or a tensor lr), its tensors plain and laid out alike."""
     for name in _HYPERPARAMETERS:
         value = args[name]
         if isinstance(value, torch.fx.Node) and not (name == "lr" and isinstance(example_value(value), torch.Tensor)):
             return False
     entries = [e for name in ("grads", *_STATES) for e in args[name]]
-    return not any(isinstance(example_value(e), DTensor) for e in entries)
+    if any(isinstance(example_value(e), DTensor) for e in entries):
+        return False
+    lanes = zip(*(args[name] for name in ("grads", *_STATES) if args[name]))
+    return all(_laid_out_alike(example_value(lane[0]), example_value(e)) for lane in lanes for e in lane[1:])
+
+
+def _laid_out_alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape are laid out alike, size-1 dims aside.
+
+    aten's kernel walks a parameter's tensors as one memory layout.  Where a
+    gradient or state is laid out otherwise (a transposed gradient), its CPU
+    kernel computes as if it were not, with no error (torch 2.11-2.14), and its
+    CUDA kernel refuses; the lowering computes elementwise on any layout.
+    Symbolic strides (a gradient that is a view, from torch 2.13) are compared
+    by their values, under a guard: a later call laid out otherwise recompiles.
+    """
+    return all(bool(size == 1) or bool(x == y) for x, y, size in zip(a.stride(), b.stride(), a.shape))
 
 
 def _moved_to(graph: torch.fx.Graph, scalar: torch.fx.Node, device: torch.device, fake_mode: Any) -> torch.fx.Node:

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 import fxmesh
 from tests.helpers import (
@@ -185,6 +185,37 @@ def test_graph_on_dtensors_is_lowered(meshes):
         assert_same_state(compiled_opt, eager_opt)
     assert counters["fxmesh"]["aten_fused_calls"] == 1 and counters["fxmesh"]["lowered_nodes"] == 3
     assert counters["fxmesh"]["local_shard_graphs"] == 0
+
+
+@pytest.mark.parametrize("kernels", ["lowered", "aten"])
+def test_gradients_laid_out_otherwise_than_their_parameters(dp, kernels):
+    """A gradient transposed against its parameter (same shape, other strides): the step computes the update of
+    its values, as for-loop AdamW does, over 3 steps.
+
+    aten's CPU fused kernel reads such a gradient as if it were laid out like the parameter, with no error
+    (torch 2.11-2.14; its CUDA kernel refuses it), so ``fused_kernels="aten"`` leaves that call to the lowering.
+    """
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(DTensor.from_local(torch.randn(4, 4, generator=gen).to(DEVICE), dp, [Shard(0)]))
+        for _ in range(3)
+    ]
+    ref = [torch.nn.Parameter(local(p).detach().clone()) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    step = torch.compile(opt.step, backend=ATEN if kernels == "aten" else "fxmesh")
+    for s in range(3):
+        for i, (p, r) in enumerate(zip(params, ref)):
+            g = torch.randn(4, 4, generator=gen).to(DEVICE)
+            g = g if i == 1 else g.t()  # parameter 1's gradient is laid out as the parameter
+            p.grad = DTensor.from_local(g, dp, [Shard(0)], run_check=False)
+            r.grad = g.clone()
+        step()
+        ref_opt.step()
+        for i, (p, r) in enumerate(zip(params, ref)):
+            assert_rel_close(local(p), r, FP32_RTOL, f"step {s}, parameter {i}")
+    assert not local(params[0].grad).is_contiguous()
+    assert counters["fxmesh"]["aten_fused_calls"] == 0 and counters["fxmesh"]["lowered_nodes"] == 1
 
 
 def test_sgd_is_lowered(meshes):
