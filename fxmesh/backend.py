@@ -138,6 +138,8 @@ class FxmeshBackend:
         log.debug("fxmesh passes that changed the graph: %s", modified)
         # Read from Dynamo's inputs: the local shards carry no symbolic context of their own.
         dynamic = has_dynamic_sizes(example_inputs)
+        if dynamic:
+            counters["fxmesh"]["symbolic_graphs"] += 1
         if local is None:
             return self._compile_in_mode(gm, example_inputs, inference, dynamic)
         counters["fxmesh"]["local_shard_graphs"] += 1

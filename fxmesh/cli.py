@@ -258,6 +258,7 @@ def _format_report(report: Report) -> str:
         ("graph breaks", f"{breaks} ({expected} from the optimizer base class)" if expected else breaks),
         ("recompiles", report.recompiles),
         ("graphs on local shards", f"{report.local_shard_graphs} of {report.graphs}"),
+        ("graphs with symbolic sizes", f"{report.symbolic_graphs} of {report.graphs}"),
         ("pieces (compiled)", f"{report.pieces} ({report.piece_compiles})"),
         ("compile seconds", f"{report.compile_seconds:.2f}"),
     ]

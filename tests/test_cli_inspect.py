@@ -72,7 +72,7 @@ def test_json_clean_fused_step_passes_strict(adamw):
     assert report["fallbacks"] == 0 and report["extern_calls"] == {}
     assert all(b["optimizer_base"] and "User-inserted graph break" in b["reason"] for b in report["graph_breaks"])
     assert report["recompiles"] == 0
-    assert report["local_shard_graphs"] == report["graphs"] == 1
+    assert report["local_shard_graphs"] == report["graphs"] == 1 and report["symbolic_graphs"] == 0
     assert isinstance(report["compile_seconds"], float) and report["compile_seconds"] > 0
     assert report["problems"] == [] and report["multi_mesh_nodes"] == []
 
@@ -107,6 +107,7 @@ def test_table_lists_meshes_per_mesh_nodes_and_breaks(graph_break_step):
     """The table: mesh rows read off the graphs' inputs, the per-mesh foreach stand-ins, the break's line."""
     out = graph_break_step.stdout
     assert re.search(r"^graphs on local shards\s+(\d+) of \1$", out, re.M), out
+    assert re.search(r"^graphs with symbolic sizes\s+0 of \d+$", out, re.M), out
     assert re.search(r"^pieces \(compiled\)\s+\d+ \(\d+\)$", out, re.M), out
     assert re.search(r"^dp\(dp=8\)\s+dp\s+8\s+8\s+64\s+256$", out, re.M), out
     assert re.search(r"^ep\(dp_mod_ep=2, ep=4\)\s+dp_mod_ep, ep\s+2x4\s+12\s+128\s+512$", out, re.M), out

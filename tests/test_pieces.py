@@ -194,6 +194,7 @@ def test_a_recompile_for_other_shapes_compiles_whole(dp, monkeypatch, caplog):
             _step_and_compare(params, opt, ref_opt, ref, step)
         assert counters["fxmesh"]["local_shard_graphs"] == 1 and counters["fxmesh"]["pieces"] == pieces
         assert ("dynamic=False" in caplog.text) == (pieces == 0), caplog.text
+        assert counters["fxmesh"]["symbolic_graphs"] == (pieces == 0)
 
 
 def test_pieces_off(dp):
