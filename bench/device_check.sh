@@ -24,6 +24,10 @@
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten
+#   fsdp      moe-shard with FSDP2-like gradients (views of a buffer per 8 parameters,
+#             --grad-buffers): eager fused, fxmesh, fxmesh_aten. From torch 2.13 Dynamo traces such
+#             gradients with symbolic sizes (CPU run P: compile 2.2x, size asserts per call); the
+#             GPU image's torch 2.11 does not, so there it measures the shared buffers alone
 #   overhead1000  the 1000-tensor overhead workload, profiled: plain eager fused, eager
 #             fused (the reference for the error column), fxmesh_aten (run 4: 14.2 ms with 43
 #             kernels, unprofiled; compile 96 s), fxmesh_aten_cudagraphs (the CUDA-graph
@@ -87,6 +91,8 @@ for stage in "${@:-tests overhead1000 moe}"; do
             --trace-dir "$OUT/traces/overhead1000" --variants eager_fused_plain,eager_fused,fxmesh_aten,fxmesh_aten_cudagraphs ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
             --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten ;;
+        fsdp) bench moe_fsdp "${FSDP_TIMEOUT:-120}" --workload moe-shard --grad-buffers 8 \
+            --variants eager_fused,fxmesh,fxmesh_aten ;;
         overhead) bench overhead "${OVERHEAD_TIMEOUT:-160}" --workload overhead --tensors 100 --profile \
             --trace-dir "$OUT/traces/overhead" --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten,fxmesh_cudagraphs,fxmesh_aten_cudagraphs ;;
         *) echo "unknown stage $s" ;;

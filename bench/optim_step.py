@@ -232,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shape", type=int, nargs="+", default=None, help="override the local shard shape")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    parser.add_argument(
+        "--grad-buffers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="gradients as views of one buffer per K parameters, as FSDP2's reduce-scatter leaves them "
+        "(from torch 2.13 Dynamo traces such gradients with symbolic sizes); 0: each owns its storage",
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", help="also write the results as JSON to this file")
@@ -288,9 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     def params(kind: str) -> list[torch.nn.Parameter]:
         gen = torch.Generator(device=dev).manual_seed(0)
         out = []
-        for shape, mesh_name in zip(workload.shapes, workload.meshes):
+        per_buffer = args.grad_buffers
+        for i, (shape, mesh_name) in enumerate(zip(workload.shapes, workload.meshes)):
             local = torch.randn(shape, device=dev, generator=gen).to(dtype)
             grad = torch.randn(shape, device=dev, generator=gen).to(dtype) * 1e-2
+            if per_buffer:
+                if i % per_buffer == 0:
+                    shapes = workload.shapes[i : i + per_buffer]
+                    buffer, offset = torch.empty(sum(map(math.prod, shapes)), device=dev, dtype=dtype), 0
+                grad = buffer[offset : offset + grad.numel()].view(shape).copy_(grad)
+                offset += grad.numel()
             if kind == "plain":
                 p = torch.nn.Parameter(local)
                 p.grad = grad
@@ -300,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 stride = torch.empty(glob, device="meta").stride()
                 p = torch.nn.Parameter(DTensor.from_local(local, mesh, placements, shape=glob, stride=stride))
                 # detach(): a grad whose local tensor is a view (as from_local makes it) gets
-                # symbolic shapes from Dynamo on the first compile, ~1.7x the compile time;
-                # grads that autograd or DTensor ops produce are not views.
-                p.grad = DTensor.from_local(grad, mesh, placements, shape=glob, stride=stride).detach()
+                # symbolic shapes from Dynamo on the first compile (torch 2.13+), ~1.7x the compile
+                # time.  Gradients of plain autograd are not views; FSDP2's are (--grad-buffers).
+                grad = DTensor.from_local(grad, mesh, placements, shape=glob, stride=stride)
+                p.grad = grad if per_buffer else grad.detach()
             out.append(p)
         return out
 
@@ -467,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{args.optimizer} step, workload {workload.name}: {len(workload.shapes)} tensors, "
         f"{workload.numel / 1e6:.1f}M {workload.dtype} params on meshes {sorted(set(workload.meshes))}; "
-        f"{machine}, torch {torch.__version__}, {datetime.date.today()}; "
+        + (f"gradients as views of a buffer per {args.grad_buffers}; " if args.grad_buffers else "")
+        + f"{machine}, torch {torch.__version__}, {datetime.date.today()}; "
         f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {floor_ms:.3f} ms ({clip_floor_ms:.3f} ms with clipping)"
     )
 
@@ -521,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": machine,
                     "torch": torch.__version__,
                     "workload": dataclasses.asdict(workload) | {"numel": workload.numel},
+                    "grad_buffers": args.grad_buffers,
                     "bandwidth_bytes_per_s": bandwidth,
                     "floor_ms": floor_ms,
                     "clip_floor_ms": clip_floor_ms,
