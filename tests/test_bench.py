@@ -48,32 +48,31 @@ def test_optim_step_smoke(tmp_path):
     assert any(e.get("cat") == "python_function" for e in trace["traceEvents"])  # with --trace-dir: Python frames
 
 
-def test_optim_step_bf16_workload(tmp_path):
-    """moe-shard-bf16: bf16 parameters and states, a 14 B/param floor, fxmesh within one bf16 ulp of eager fused."""
+def _eager_fused_and_fxmesh(tmp_path, *args: str) -> tuple[dict, dict[str, dict]]:
+    """The bench's eager_fused and fxmesh variants over 8x8 shards with ``args``: its JSON, and its rows by variant."""
     out_json = tmp_path / "out.json"
-    cmd = [sys.executable, str(BENCH), "--workload", "moe-shard-bf16", "--tensors", "2", "--shape", "8", "8"]
-    cmd += ["--steps", "3", "--warmup", "1", "--variants", "eager_fused,fxmesh", "--json", str(out_json)]
+    cmd = [sys.executable, str(BENCH), *args, "--shape", "8", "8", "--steps", "3", "--warmup", "1"]
+    cmd += ["--variants", "eager_fused,fxmesh", "--json", str(out_json)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out_json.read_text())
+    return result, {r["variant"]: r for r in result["rows"]}
+
+
+def test_optim_step_bf16_workload(tmp_path):
+    """moe-shard-bf16: bf16 parameters and states, a 14 B/param floor, fxmesh within one bf16 ulp of eager fused."""
+    result, rows = _eager_fused_and_fxmesh(tmp_path, "--workload", "moe-shard-bf16", "--tensors", "2")
     assert result["workload"]["dtype"] == "bfloat16" and result["workload"]["numel"] == 2 * 64
     floor_s = 7 * 2 * 2 * 64 / result["bandwidth_bytes_per_s"]  # AdamW: 7 tensors of 2 bytes per param
     assert result["floor_ms"] == pytest.approx(floor_s * 1e3)
-    rows = {r["variant"]: r for r in result["rows"]}
     assert rows["fxmesh"]["median_ms"] > 0 and rows["fxmesh"]["recompiles"] == 0, rows["fxmesh"]
     assert rows["fxmesh"]["rel_err"] <= 2**-8, rows["fxmesh"]
 
 
 def test_optim_step_gradient_buffers(tmp_path):
     """--grad-buffers: gradients as views of a buffer per K parameters (FSDP2's); fxmesh still matches eager fused."""
-    out_json = tmp_path / "out.json"
-    cmd = [sys.executable, str(BENCH), "--tensors", "5", "--shape", "8", "8", "--grad-buffers", "2"]
-    cmd += ["--steps", "3", "--warmup", "1", "--variants", "eager_fused,fxmesh", "--json", str(out_json)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    result = json.loads(out_json.read_text())
+    result, rows = _eager_fused_and_fxmesh(tmp_path, "--tensors", "5", "--grad-buffers", "2")
     assert result["grad_buffers"] == 2 and "gradients as views of a buffer per 2" in result["header"]
-    rows = {r["variant"]: r for r in result["rows"]}
     assert rows["fxmesh"]["median_ms"] > 0 and rows["fxmesh"]["recompiles"] == 0, rows["fxmesh"]
     assert rows["fxmesh"]["rel_err"] <= 1e-5, rows["fxmesh"]
 
