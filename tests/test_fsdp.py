@@ -23,7 +23,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tenso
 
 import fxmesh
 from fxmesh import world
-from tests.helpers import FP32_RTOL, titan_clip
+from tests.helpers import FP32_RTOL, rel_error, titan_clip
 
 WORLD_SIZE = 4
 DIM, EXPERTS, HIDDEN = 18, 6, 20  # uneven: 18 rows over 4 ranks, 3 experts per ep rank over 2
@@ -86,11 +86,6 @@ def _optimizers(name: str, compiled: list, eager: list):
     )
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
-
-
 def _train(rank: int, meshes, name: str) -> dict:
     torch._dynamo.reset()
     counters.clear()
@@ -124,15 +119,15 @@ def _train(rank: int, meshes, name: str) -> dict:
         ref_opt.step()
         norm = step()
         out["norms"].append(norm.item())
-        out["norm_err"] = max(out["norm_err"], _rel(norm, ref_norm))
-        out["full_norm_err"] = max(out["full_norm_err"], _rel(norm, full_norm))
+        out["norm_err"] = max(out["norm_err"], rel_error(norm, ref_norm))
+        out["full_norm_err"] = max(out["full_norm_err"], rel_error(norm, full_norm))
         pairs = list(zip(model.parameters(), ref.parameters()))
-        out["grad_err"] = max(out["grad_err"], *(_rel(p.grad.to_local(), r.grad.to_local()) for p, r in pairs))
-        out["param_err"] = max(out["param_err"], *(_rel(p.to_local(), r.to_local()) for p, r in pairs))
+        out["grad_err"] = max(out["grad_err"], *(rel_error(p.grad, r.grad) for p, r in pairs))
+        out["param_err"] = max(out["param_err"], *(rel_error(p, r) for p, r in pairs))
         for p, r in pairs:
             for key, value in ref_opt.state[r].items():
                 if key != "step":
-                    out["state_err"] = max(out["state_err"], _rel(opt.state[p][key].to_local(), value.to_local()))
+                    out["state_err"] = max(out["state_err"], rel_error(opt.state[p][key], value))
     out["graphs"] = counters["fxmesh"]["graphs"]
     out["local_shard_graphs"] = counters["fxmesh"]["local_shard_graphs"]
     out["graph_breaks"] = dict(counters["graph_break"])
