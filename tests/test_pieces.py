@@ -102,8 +102,8 @@ def _step_and_compare(params, opt, ref_opt, ref, step, steps=3, per_buffer=0) ->
         for i, (p, r) in enumerate(zip(params, ref)):
             local = p.to_local()
             if per_buffer and i % per_buffer == 0:
-                flat = torch.randn(sum(q.to_local().numel() for q in params[i : i + per_buffer]), generator=gen)
-                offset = 0
+                size = sum(q.to_local().numel() for q in params[i : i + per_buffer])
+                flat, offset = torch.randn(size, generator=gen).to(DEVICE), 0
             if per_buffer:
                 g = flat[offset : offset + local.numel()].view(local.shape)
                 offset += local.numel()
