@@ -59,6 +59,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from fxmesh import clip
+from fxmesh.meshes import distinct_meshes
 from fxmesh.ops import MESH_AWARE_OPS, foreach_per_mesh
 
 __all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
@@ -145,11 +146,7 @@ def _spans_meshes_beside_plain_tensors(fn: Any, args: Any, kwargs: Any) -> bool:
     if not getattr(fn, "__name__", "").startswith("_foreach_"):
         return False
     values = [v for var in (*args, *kwargs.values()) for v in _traced_values(var) if isinstance(v, torch.Tensor)]
-    meshes: list[Any] = []  # by value, as DTensor compares them (FSDP2 makes equal copies)
-    for v in values:
-        if isinstance(v, DTensor) and not any(m == v.device_mesh for m in meshes):
-            meshes.append(v.device_mesh)
-    return len(meshes) > 1 and any(not isinstance(v, DTensor) for v in values)
+    return len(distinct_meshes(values)) > 1 and any(not isinstance(v, DTensor) for v in values)
 
 
 def _lookup(table: dict[Any, Any], value: Any) -> Any:

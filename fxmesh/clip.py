@@ -32,6 +32,8 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
+from fxmesh.meshes import distinct_meshes
+
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 
 Group = dist.ProcessGroup | DeviceMesh
@@ -229,18 +231,12 @@ def clip_grad_norm_(
 def spans_meshes(tensors: Iterable[Any]) -> bool:
     """Whether ``tensors`` hold DTensors on more than one mesh, or DTensors beside plain tensors.
 
-    Meshes compare as DTensor compares them, by value: FSDP2 gives each
-    parameter on a 2-D mesh a mesh object of its own, and upstream's norm
-    takes DTensors on equal meshes (and returns a DTensor, which callers use).
+    Meshes compare by value (:func:`fxmesh.meshes.distinct_meshes`): upstream's
+    norm takes DTensors on equal meshes (and returns a DTensor, which callers use).
     """
-    meshes: list[Any] = []
-    plain = False
-    for t in tensors:
-        if isinstance(t, DTensor):
-            if not any(m == t.device_mesh for m in meshes):
-                meshes.append(t.device_mesh)
-        elif isinstance(t, torch.Tensor):
-            plain = True
+    tensors = list(tensors)
+    meshes = distinct_meshes(tensors)
+    plain = any(isinstance(t, torch.Tensor) and not isinstance(t, DTensor) for t in tensors)
     return len(meshes) > 1 or (len(meshes) == 1 and plain)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "MeshKey",
     "MissingMetadataError",
     "describe_mesh",
+    "distinct_meshes",
     "example_value",
     "group_by_mesh",
     "mesh_key",
@@ -86,6 +87,19 @@ def replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
     spells ``DTensor.from_local`` differently across torch versions.
     """
     return DTensor.from_local(local, mesh, (Replicate(),) * mesh.ndim, run_check=False)
+
+
+def distinct_meshes(tensors: Iterable[Any]) -> list[DeviceMesh]:
+    """The meshes of the DTensors among ``tensors``, once each, in order of first appearance.
+
+    Meshes compare as DTensor compares them, by value: FSDP2 gives each
+    parameter on a 2-D mesh an equal mesh object of its own.
+    """
+    meshes: list[DeviceMesh] = []
+    for t in tensors:
+        if isinstance(t, DTensor) and not any(m == t.device_mesh for m in meshes):
+            meshes.append(t.device_mesh)
+    return meshes
 
 
 def group_by_mesh(keys: Iterable[MeshKey]) -> dict[MeshKey, list[int]]:
