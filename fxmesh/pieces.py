@@ -38,8 +38,9 @@ arguments with inputs and earlier values by position, constants with their
 type), and its inputs' shapes, strides, dtypes, devices, ``requires_grad`` and
 which of them share storage.
 
-Nothing is split (``None``) where a graph has inputs that are not tensors or
-have symbolic sizes (Dynamo recompiled the step for other shapes), or returns a
+Nothing is split (``None``) where a graph has inputs that are not tensors
+(unless nothing reads them) or have symbolic sizes (Dynamo recompiled the step
+for other shapes), or returns a
 value the first piece does not compute; where nodes the lowering did
 not emit (other than the scalar math above) read what the lowered nodes
 compute, or are read by them other than as 0-dim values, or touch (or change
