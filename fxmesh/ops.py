@@ -25,7 +25,15 @@ from torch.distributed.tensor import DTensor
 
 from fxmesh.meshes import group_by_mesh, mesh_key, replicate
 
-__all__ = ["MESH_AWARE_OPS", "fused_adagrad_", "fused_adam_", "fused_adamw_", "fused_sgd_"]
+__all__ = [
+    "MESH_AWARE_OPS",
+    "foreach_copy_",
+    "foreach_per_mesh",
+    "fused_adagrad_",
+    "fused_adam_",
+    "fused_adamw_",
+    "fused_sgd_",
+]
 
 
 def _mesh_local(value: Any, mesh: Any) -> Any:
@@ -141,6 +149,18 @@ def foreach_per_mesh(op: Callable[..., Any]) -> Callable[..., Any]:
     setattr(sys.modules[__name__], stand_in.__name__, stand_in)
     return torch._dynamo.allow_in_graph(stand_in)
 
+
+@torch._dynamo.allow_in_graph
+def foreach_copy_(self: list[torch.Tensor], src: list[torch.Tensor], non_blocking: bool = False) -> None:
+    """``torch._foreach_copy_`` where DTensors are copied: one ``copy_`` per entry (DTensor has no rule for it)."""
+    if any(isinstance(t, DTensor) for t in self):
+        for dst, value in zip(self, src, strict=True):
+            dst.copy_(value, non_blocking=non_blocking)
+    else:
+        torch._foreach_copy_(self, src, non_blocking=non_blocking)
+
+
+foreach_copy_.wrapped_op = torch._foreach_copy_  # type: ignore[attr-defined]
 
 MESH_AWARE_OPS: dict[Any, Callable[..., None]] = {
     torch._fused_adam_: fused_adam_,

@@ -38,6 +38,10 @@ CASES = {
     "adamax-for-loop": (torch.optim.Adamax, dict(lr=0.01, foreach=False)),
     "adadelta-for-loop": (torch.optim.Adadelta, dict(lr=0.5, foreach=False)),
     "asgd-for-loop": (torch.optim.ASGD, dict(lr=0.01, foreach=False)),
+    # Upstream runs neither eagerly over DTensors: no sharding rule for aten._foreach_copy_ (foreach) and for the
+    # masked assignment of the for-loop (aten.index_put_ on a Shard(0) DTensor).
+    "rprop-foreach": (torch.optim.Rprop, dict(lr=0.01, maximize=True, foreach=True)),
+    "rprop-for-loop": (torch.optim.Rprop, dict(lr=0.01, etas=(0.4, 1.3), foreach=False)),
 }
 # capturable=True keeps the step counts on the device and computes the bias corrections there as
 # tensors.  Eagerly torch.optim refuses it for CPU tensors; compiled it runs, so on the CPU the
@@ -75,10 +79,13 @@ def test_matches_eager_on_local_shards(meshes, case):
     assert not unexpected_graph_breaks(), unexpected_graph_breaks()
 
 
-def test_other_backends_still_fail_across_meshes(meshes):
-    """The per-mesh foreach stand-in exists only under fxmesh: the eager backend fails as upstream."""
+@pytest.mark.parametrize(
+    "cls, match", [(torch.optim.Adam, "different mesh"), (torch.optim.Rprop, "_foreach_copy_")], ids=["adam", "rprop"]
+)
+def test_other_backends_still_fail_across_meshes(meshes, cls, match):
+    """The foreach stand-ins exist only under fxmesh: the eager backend fails as upstream."""
     params = dtensor_params(meshes)
     for p in params:
         p.grad = torch.zeros_like(p)
-    with pytest.raises(Exception, match="different mesh"):
-        torch.compile(torch.optim.Adam(params, foreach=True).step, backend="eager")()
+    with pytest.raises(Exception, match=match):
+        torch.compile(cls(params, foreach=True).step, backend="eager")()
