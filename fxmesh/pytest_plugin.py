@@ -313,7 +313,7 @@ def _shadow_copy(opt: Any, as_local: bool) -> Any:
         params = []
         for p in group["params"]:
             c = torch.nn.Parameter(copy(p), requires_grad=p.requires_grad)
-            c.grad = None if p.grad is None else copy(p.grad)
+            c.grad = None if p.grad is None else _laid_out_like(copy(p.grad), c)
             copies[id(p)] = c
             params.append(c)
         hyper = {k: v for k, v in group.items() if k != "params"}
@@ -330,6 +330,22 @@ def _shadow_copy(opt: Any, as_local: bool) -> Any:
         _optimizer_step_post_hooks=OrderedDict(),
     )
     return shadow
+
+
+def _laid_out_like(grad: Any, param: Any) -> Any:
+    """``grad``, laid out like ``param``: aten's CPU fused optimizers read a gradient as if it were (torch 2.11-2.14).
+
+    A gradient transposed against its parameter would make the eager shadow wrong, not the compiled step.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def local(t: Any) -> Any:
+        return t._local_tensor if isinstance(t, DTensor) else t
+
+    if local(grad).stride() == local(param).stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
 
 
 def _mismatches(opt: Any, shadow: Any, rtol: float) -> list[str]:

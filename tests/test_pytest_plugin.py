@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from fxmesh.numerics import rel_error
-from fxmesh.pytest_plugin import CompileMode, _mismatches, _shadow_copy
-from tests.helpers import shard
+from fxmesh.pytest_plugin import CompileMode, _eager_shadow, _mismatches, _shadow_copy
+from tests.helpers import FP32_RTOL, local, shard
 
 pytest_plugins = ["pytester"]
 
@@ -311,3 +311,24 @@ def test_mismatches_name_parameter_layout_and_state(dp):
     problems = _mismatches(opt, shadow, 1e-5)
     assert [p.split(": relative error")[0] for p in problems] == [name, f"{name} state 'exp_avg'"]
     assert problems[1].endswith("relative error 5.000e-01 > 1.0e-05 against eager")
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.AdamW])
+@pytest.mark.parametrize("on_dtensors", [False, True], ids=["plain", "dtensor"])
+def test_eager_shadow_reads_transposed_gradients_right(dp, cls, on_dtensors):
+    """aten's CPU fused kernels read a gradient transposed against its parameter as if laid out like it (torch
+    2.11-2.14, no error): the shadow gives its gradient copies the parameter's layout, so its step is the
+    for-loop's, and fxmesh's correct step is not flagged."""
+    full = torch.randn(8, 8)
+    grad = torch.randn(8, 8).t()
+    param = torch.nn.Parameter(shard(full.clone(), dp, [Replicate()]) if on_dtensors else full.clone())
+    param.grad = DTensor.from_local(grad.clone(), dp, [Replicate()]) if on_dtensors else grad.clone()
+    assert local(param.grad).stride() != local(param).stride(), "the gradient is laid out like its parameter"
+    options = dict(lr=0.1, momentum=0.9) if cls is torch.optim.SGD else dict(lr=0.1)
+    opt = cls([param], fused=True, **options)
+    shadow = _eager_shadow(opt, type(opt).step, (), {})
+    reference = torch.nn.Parameter(full.clone())
+    reference.grad = grad.clone()
+    cls([reference], foreach=False, **options).step()
+    shadow_param = shadow.param_groups[0]["params"][0]
+    assert rel_error(local(shadow_param).detach(), reference.detach()) <= FP32_RTOL
