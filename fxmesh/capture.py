@@ -24,8 +24,10 @@ the frame being traced is compiled by an fxmesh backend:
   corrections, the clip coefficient): recorded as
   :func:`fxmesh.ops.foreach_per_mesh` stand-ins, which run the op once per mesh
   with the plain tensors made mesh-local;
-- calls to ``torch._foreach_copy_`` over DTensors (Rprop's foreach step), for
-  which DTensor has no sharding rule: recorded as :func:`fxmesh.ops.foreach_copy_`;
+- calls to ``torch._foreach_copy_`` and ``_foreach_sign_`` over DTensors
+  (Rprop's foreach step), for which DTensor has no sharding rule (the latter on
+  torch 2.11): recorded as :func:`fxmesh.ops.foreach_per_entry` stand-ins, one
+  call per entry;
 - ``torch.nn.utils.get_total_norm`` and ``clip_grads_with_norm_`` (which
   ``clip_grad_norm_`` calls): traced as fxmesh's own (:mod:`fxmesh.clip`) when
   the gradients span several meshes;
@@ -62,7 +64,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from fxmesh import clip
 from fxmesh.meshes import distinct_meshes
-from fxmesh.ops import MESH_AWARE_OPS, foreach_copy_, foreach_per_mesh
+from fxmesh.ops import MESH_AWARE_OPS, PER_ENTRY_OPS, foreach_per_entry, foreach_per_mesh
 
 __all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
 
@@ -151,7 +153,7 @@ def _spans_meshes_beside_plain_tensors(fn: Any, args: Any, kwargs: Any) -> bool:
     return len(distinct_meshes(values)) > 1 and any(not isinstance(v, DTensor) for v in values)
 
 
-def _copies_dtensors(args: Any, kwargs: Any) -> bool:
+def _has_dtensors(args: Any, kwargs: Any) -> bool:
     return any(isinstance(v, DTensor) for var in (*args, *kwargs.values()) for v in _traced_values(var))
 
 
@@ -199,8 +201,8 @@ def install() -> None:
     @functools.wraps(dynamo_call_in_graph)
     def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
         stand_in = _lookup(MESH_AWARE_OPS, self.value)
-        if self.value is torch._foreach_copy_ and _copies_dtensors(args, kwargs):
-            stand_in = foreach_copy_
+        if _lookup(PER_ENTRY_OPS, self.value) is not None and _has_dtensors(args, kwargs):
+            stand_in = foreach_per_entry(self.value)
         per_mesh = stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs)
         if (stand_in is None and not per_mesh) or not _compiling_with_fxmesh(tx):
             return dynamo_call_in_graph(self, tx, args, kwargs)

@@ -27,7 +27,8 @@ from fxmesh.meshes import group_by_mesh, mesh_key, replicate
 
 __all__ = [
     "MESH_AWARE_OPS",
-    "foreach_copy_",
+    "PER_ENTRY_OPS",
+    "foreach_per_entry",
     "foreach_per_mesh",
     "fused_adagrad_",
     "fused_adam_",
@@ -150,17 +151,36 @@ def foreach_per_mesh(op: Callable[..., Any]) -> Callable[..., Any]:
     return torch._dynamo.allow_in_graph(stand_in)
 
 
-@torch._dynamo.allow_in_graph
-def foreach_copy_(self: list[torch.Tensor], src: list[torch.Tensor], non_blocking: bool = False) -> None:
-    """``torch._foreach_copy_`` where DTensors are copied: one ``copy_`` per entry (DTensor has no rule for it)."""
-    if any(isinstance(t, DTensor) for t in self):
-        for dst, value in zip(self, src, strict=True):
-            dst.copy_(value, non_blocking=non_blocking)
-    else:
-        torch._foreach_copy_(self, src, non_blocking=non_blocking)
+# In-place foreach ops torch.optim calls over parameters or states that DTensor has
+# no sharding rule for (Rprop's foreach step; ``_foreach_sign_`` only on torch 2.11),
+# with the op for one entry.
+PER_ENTRY_OPS: dict[Any, Callable[..., Any]] = {
+    torch._foreach_copy_: torch.Tensor.copy_,
+    torch._foreach_sign_: torch.Tensor.sign_,
+}
 
 
-foreach_copy_.wrapped_op = torch._foreach_copy_  # type: ignore[attr-defined]
+@functools.cache
+def foreach_per_entry(op: Callable[..., Any]) -> Callable[..., Any]:
+    """A graph-recordable stand-in for ``op`` (a key of :data:`PER_ENTRY_OPS`) over DTensors: one call per entry.
+
+    Over plain tensors (the local shards) it calls ``op`` itself.  Named
+    ``fxmesh.ops.<op>_per_entry`` so FX graphs can name it.
+    """
+    entry_op = PER_ENTRY_OPS[op]
+
+    def stand_in(self: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+        if not any(isinstance(t, DTensor) for t in self):
+            op(self, *args, **kwargs)
+            return
+        for i, t in enumerate(self):
+            entry_op(t, *(a[i] if isinstance(a, (list, tuple)) else a for a in args), **kwargs)
+
+    stand_in.__name__ = stand_in.__qualname__ = f"{op.__name__}_per_entry"
+    stand_in.wrapped_op = op  # type: ignore[attr-defined]
+    setattr(sys.modules[__name__], stand_in.__name__, stand_in)
+    return torch._dynamo.allow_in_graph(stand_in)
+
 
 MESH_AWARE_OPS: dict[Any, Callable[..., None]] = {
     torch._fused_adam_: fused_adam_,

@@ -28,18 +28,23 @@ def test_stand_ins_copy_cpu_grad_scaler_scalars_to_the_parameters_device(monkeyp
     assert seen["grad_scale"].device.type == seen["found_inf"].device.type == "meta", seen
 
 
-def test_foreach_copy_copies_dtensors_entry_by_entry(meshes):
-    """DTensor has no sharding rule for ``aten._foreach_copy_`` (Rprop's foreach step calls it): the stand-in copies
-    each DTensor entry with ``copy_``, on whatever mesh it sits, and leaves plain lists to the foreach op."""
+@pytest.mark.parametrize("op", [torch._foreach_copy_, torch._foreach_sign_], ids=lambda op: op.__name__)
+def test_per_entry_stand_ins_run_over_dtensors(meshes, op):
+    """Rprop's foreach step calls ``_foreach_copy_`` and ``_foreach_sign_``, which DTensor has no sharding rule for
+    (copy on torch 2.11-2.14, sign on 2.11): the stand-in calls the op once per DTensor entry, on whatever mesh it
+    sits, and the foreach op itself over plain tensors."""
     dsts = [
         shard(torch.zeros(8, 4), meshes["dp"], [Shard(0)]),
         shard(torch.zeros(6, 4), meshes["ep"], [Replicate(), Shard(1)]),
     ]
     srcs = [shard(torch.randn(d.shape), d.device_mesh, d.placements) for d in dsts]
-    with pytest.raises(NotImplementedError, match="_foreach_copy_"):
-        torch._foreach_copy_(dsts, srcs)
-    fxmesh.ops.foreach_copy_(dsts, srcs)
-    assert all(torch.equal(d.to_local(), s.to_local()) for d, s in zip(dsts, srcs))
-    plain_dsts, plain_srcs = [torch.zeros(3), torch.zeros(2, 2)], [torch.randn(3), torch.randn(2, 2)]
-    fxmesh.ops.foreach_copy_(plain_dsts, plain_srcs)
-    assert all(torch.equal(d, s) for d, s in zip(plain_dsts, plain_srcs))
+    args = lambda lists: lists if op is torch._foreach_copy_ else lists[:1]  # noqa: E731
+    plain = [[t.to_local().clone() for t in ts] for ts in (dsts, srcs)]
+    expected = [[t.clone() for t in ts] for ts in plain]
+    op(*args(expected))
+    stand_in = fxmesh.ops.foreach_per_entry(op)
+    assert stand_in.__name__ == f"{op.__name__}_per_entry" and stand_in.wrapped_op is op
+    stand_in(*args([dsts, srcs]))
+    stand_in(*args(plain))
+    assert all(torch.equal(d.to_local(), e) for d, e in zip(dsts, expected[0]))
+    assert all(torch.equal(p, e) for p, e in zip(plain[0], expected[0]))
