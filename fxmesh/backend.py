@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor
 from torch.fx.experimental.symbolic_shapes import DimDynamic
 
 from fxmesh.capture import install
@@ -205,9 +206,19 @@ class FxmeshBackend:
             from torch._dynamo.backends.debugging import aot_eager
 
             return aot_eager(gm, example_inputs)
+        from torch._functorch import config as functorch_config
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches=self.inductor_config_for(example_inputs, dynamic))
+        config_patches = self.inductor_config_for(example_inputs, dynamic)
+        if not any(isinstance(t, DTensor) for t in example_inputs):
+            return compile_fx(gm, example_inputs, config_patches=config_patches)
+        # AOTAutograd's cache keys a DTensor input by its global spec, not its local
+        # shape (torch 2.13-2.14, pytorch#188390): a rank whose uneven shard differs
+        # from the rank that wrote the entry (same machine, same cache directory)
+        # would run code compiled for the other's shard, a wrong result without
+        # Inductor's size asserts.  Inductor's own graph cache keys the local shapes.
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, config_patches=config_patches)
 
     def inductor_config_for(self, example_inputs: Sequence[Any], dynamic: bool = False) -> dict[str, Any]:
         """The Inductor config patches of a graph with these example inputs.

@@ -223,3 +223,20 @@ def test_torch_compile_options_are_checked():
         fxmesh.backend(compiler="aot_eager").with_inductor_options("max-autotune")
     with pytest.raises(RuntimeError, match="Unrecognized mode"):
         fxmesh.backend().with_inductor_options("fastest")
+
+
+def test_graphs_on_dtensors_do_not_share_compiled_code_across_uneven_shards(dp, monkeypatch, tmp_path):
+    """AOTAutograd's cache keys a DTensor by its global spec: two ranks of one machine whose uneven shards differ
+    (9 rows over 2: 5 and 4) would share an entry, and the second would run code compiled for the first's shard.
+    fxmesh compiles graphs that stay on DTensors past that cache (default backend: a size-assert error)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    for rows in (4, 5):  # what rank 1, then rank 0, holds
+        torch._dynamo.reset()
+        local = torch.arange(rows * 8.0).reshape(rows, 8)
+        x = DTensor.from_local(local, dp, [Shard(0)], shape=(9, 8), stride=(8, 1))
+        with torch._functorch.config.patch(enable_autograd_cache=True):
+            y = torch.compile(lambda t: t * 2 + 1, backend="fxmesh")(x)
+        assert torch.equal(y.to_local(), local * 2 + 1), f"{rows} local rows"
+    assert not counters["aot_autograd"]["autograd_cache_hit"]
