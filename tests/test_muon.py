@@ -3,14 +3,16 @@
 Muon's Newton-Schulz iteration multiplies whole matrices: over sharded DTensors
 each product all-gathers or all-reduces, so the graph keeps its DTensor
 collectives and stays on the DTensors, while fxmesh splits and lowers the fused
-AdamW call beside them and clips across both meshes.  Checked over 4 steps
-against the same step run eagerly over the DTensors (``fxmesh.clip_grad_norm_``,
-then both optimizers), and the norm against the full gradients'.
+AdamW call beside them and clips across both meshes.  Checked over 4 steps,
+the norm against eager clipping and the full gradients', AdamW against eager,
+and Muon against upstream's own compiled Muon step (default backend) after
+the same clipping: fxmesh leaves Muon's math to Inductor as it finds it.
 
-Muon computes the iteration in bf16, and Inductor by default keeps fused
-intermediates in fp32 where eager rounds them (compiled on plain tensors,
-upstream's default backend lands 4% of the update away from eager);
-``emulate_precision_casts`` rounds them as eager does.
+Muon iterates in bf16, and Inductor keeps fused intermediates in fp32 where
+eager rounds them, so any compiled Muon step lands a few percent of the update
+away from eager (on plain tensors under the default backend: 4.2%; on torch
+2.13+ ``emulate_precision_casts`` closes that to 3e-6, on 2.11 it does not):
+against eager, Muon is only checked for gross errors.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from tests.helpers import FP32_RTOL
 WORLD_SIZE = 2
 STEPS = 4
 MAX_NORM = 1.0
-# Of the largest entry of the parameters' change since the start (measured: 7e-6; 4e-2 without
-# emulate_precision_casts).
+# Of the largest entry of the parameters' change since the start: against upstream's compiled Muon step,
+# and against eager, from which any compiled Muon step lands 4-6% away (bf16 iteration, see above).
 MUON_UPDATE_RTOL = 1e-4
+MUON_EAGER_UPDATE_RTOL = 0.1
 
 
 def _layout(dp, ep) -> list:
@@ -65,8 +68,12 @@ def _rank(rank: int, world_size: int) -> dict:
             for f, (m, _, pl) in zip(fulls, layout)
         ]
 
-    compiled_params, eager_params = params(), params()
+    compiled_params, upstream_params, eager_params = params(), params(), params()
     muon, adamw = _optimizers(compiled_params)
+    upstream_muon, upstream_adamw = _optimizers(upstream_params)
+    # Ranks with unevenly sharded DTensors share AOTAutograd cache entries (torch 2.13: its DTensor key leaves the
+    # local shape out, pytorch#188390), and the second rank would run the first's compiled code.
+    upstream_muon_step = torch._functorch.config.patch(enable_autograd_cache=False)(torch.compile(upstream_muon.step))
     eager_opts = _optimizers(eager_params)
 
     def clip_and_step() -> torch.Tensor:
@@ -75,32 +82,38 @@ def _rank(rank: int, world_size: int) -> dict:
         adamw.step()
         return norm
 
-    step = torch.compile(clip_and_step, backend="fxmesh", options={"emulate_precision_casts": True})
-    out = {"norm_err": 0.0, "full_norm_err": 0.0, "muon_err": 0.0, "adamw_err": 0.0}
+    step = torch.compile(clip_and_step, backend="fxmesh")
+    out = {"norm_err": 0.0, "full_norm_err": 0.0, "muon_err": 0.0, "muon_eager_err": 0.0, "adamw_err": 0.0}
     for s in range(STEPS):
         gen = torch.Generator().manual_seed(100 + s)
         grads = [torch.randn(f.shape, generator=gen) for f in fulls]
-        for ps in (compiled_params, eager_params):
+        for ps in (compiled_params, upstream_params, eager_params):
             for p, grad, (m, _, pl) in zip(ps, grads, layout):
                 p.grad = distribute_tensor(grad.clone(), m, pl, src_data_rank=None)
+        norm = step()
+        if s == 0:
+            out["graph_breaks"] = dict(counters["graph_break"])
         full_norm = torch.linalg.vector_norm(torch.cat([grad.flatten() for grad in grads]))
+        fxmesh.clip_grad_norm_(upstream_params, MAX_NORM)
+        upstream_muon_step()
+        upstream_adamw.step()
         eager_norm = fxmesh.clip_grad_norm_(eager_params, MAX_NORM)
         for opt in eager_opts:
             opt.step()
-        norm = step()
         out["norm_err"] = max(out["norm_err"], abs(norm.item() / eager_norm.item() - 1))
         out["full_norm_err"] = max(out["full_norm_err"], abs(norm.item() / full_norm.item() - 1))
-        for p, ref, start in zip(compiled_params, eager_params, fulls):
-            got, want = p.full_tensor(), ref.full_tensor()
+        for p, upstream, eager, start in zip(compiled_params, upstream_params, eager_params, fulls):
+            got, want, eager_value = p.full_tensor(), upstream.full_tensor(), eager.full_tensor()
             if p.ndim == 2:
-                update = (want - start).abs().max()
+                update = (eager_value - start).abs().max()
                 out["muon_err"] = max(out["muon_err"], ((got - want).abs().max() / update).item())
+                out["muon_eager_err"] = max(out["muon_eager_err"], ((got - eager_value).abs().max() / update).item())
             else:
-                out["adamw_err"] = max(out["adamw_err"], ((got - want).abs().max() / want.abs().max()).item())
+                err = ((got - eager_value).abs().max() / eager_value.abs().max()).item()
+                out["adamw_err"] = max(out["adamw_err"], err)
     out["graphs"] = counters["fxmesh"]["graphs"]
     out["local_shard_graphs"] = counters["fxmesh"]["local_shard_graphs"]
     out["lowered_nodes"] = counters["fxmesh"]["lowered_nodes"]
-    out["graph_breaks"] = dict(counters["graph_break"])
     return out
 
 
@@ -114,7 +127,7 @@ def test_muon_and_fused_adamw_clipped_in_one_graph(ranks):
     for rank, got in enumerate(ranks):
         assert got["norm_err"] <= FP32_RTOL and got["full_norm_err"] <= FP32_RTOL, (rank, got)
         assert got["adamw_err"] <= FP32_RTOL, (rank, got)
-        assert got["muon_err"] <= MUON_UPDATE_RTOL, (rank, got)
+        assert got["muon_err"] <= MUON_UPDATE_RTOL and got["muon_eager_err"] <= MUON_EAGER_UPDATE_RTOL, (rank, got)
         assert not got["graph_breaks"], got["graph_breaks"]
         assert got["graphs"] == 1 and got["lowered_nodes"] == 2, got
         assert got["local_shard_graphs"] == 0, "Muon's collectives no longer keep the graph on the DTensors"
