@@ -34,8 +34,8 @@ def test_per_entry_stand_ins_run_over_dtensors(meshes, op):
     (copy on torch 2.11-2.14, sign on 2.11): the stand-in calls the op once per DTensor entry, on whatever mesh it
     sits, and the foreach op itself over plain tensors."""
     dsts = [
-        shard(torch.zeros(8, 4), meshes["dp"], [Shard(0)]),
-        shard(torch.zeros(6, 4), meshes["ep"], [Replicate(), Shard(1)]),
+        shard(torch.randn(8, 4), meshes["dp"], [Shard(0)]),
+        shard(torch.randn(6, 4), meshes["ep"], [Replicate(), Shard(1)]),
     ]
     srcs = [shard(torch.randn(d.shape), d.device_mesh, d.placements) for d in dsts]
     args = lambda lists: lists if op is torch._foreach_copy_ else lists[:1]  # noqa: E731
