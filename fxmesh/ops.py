@@ -145,7 +145,12 @@ def foreach_per_mesh(op: Callable[..., Any]) -> Callable[..., Any]:
     def stand_in(*args: Any, **kwargs: Any) -> Any:
         return _call_per_mesh(op, args, kwargs)
 
-    stand_in.__name__ = stand_in.__qualname__ = f"{op.__name__}_per_mesh"
+    return _recordable(stand_in, op, "per_mesh")
+
+
+def _recordable(stand_in: Callable[..., Any], op: Callable[..., Any], kind: str) -> Callable[..., Any]:
+    """``stand_in`` for ``op``, named ``fxmesh.ops.<op>_<kind>`` (FX graphs name it so) and allowed in graphs."""
+    stand_in.__name__ = stand_in.__qualname__ = f"{op.__name__}_{kind}"
     stand_in.wrapped_op = op  # type: ignore[attr-defined]
     setattr(sys.modules[__name__], stand_in.__name__, stand_in)
     return torch._dynamo.allow_in_graph(stand_in)
@@ -176,10 +181,7 @@ def foreach_per_entry(op: Callable[..., Any]) -> Callable[..., Any]:
         for i, t in enumerate(self):
             entry_op(t, *(a[i] if isinstance(a, (list, tuple)) else a for a in args), **kwargs)
 
-    stand_in.__name__ = stand_in.__qualname__ = f"{op.__name__}_per_entry"
-    stand_in.wrapped_op = op  # type: ignore[attr-defined]
-    setattr(sys.modules[__name__], stand_in.__name__, stand_in)
-    return torch._dynamo.allow_in_graph(stand_in)
+    return _recordable(stand_in, op, "per_entry")
 
 
 MESH_AWARE_OPS: dict[Any, Callable[..., None]] = {
