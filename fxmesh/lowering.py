@@ -23,7 +23,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from fxmesh.errors import EagerFallback, UnsupportedInputError
 from fxmesh.fused_ops import FusedOp, bind, fused_op
-from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
+from fxmesh.meshes import example_value, graph_fake_mode, local_tensor, propagate_example_value
 
 __all__ = [
     "OPMATH",
@@ -256,7 +256,7 @@ def _symbolic_int_as_tensor(
 
 def _layout(node: torch.fx.Node) -> tuple[Any, ...] | None:
     value = example_value(node)
-    local = value._local_tensor if isinstance(value, DTensor) else value
+    local = local_tensor(value)
     if not all(isinstance(d, int) for d in (*local.shape, *local.stride())):
         return None
     return tuple(local.shape), local.stride(), str(local.dtype)

@@ -27,6 +27,7 @@ __all__ = [
     "distinct_meshes",
     "example_value",
     "group_by_mesh",
+    "local_tensor",
     "mesh_key",
     "node_mesh_key",
     "replicate",
@@ -100,6 +101,11 @@ def distinct_meshes(tensors: Iterable[Any]) -> list[DeviceMesh]:
         if isinstance(t, DTensor) and not any(m == t.device_mesh for m in meshes):
             meshes.append(t.device_mesh)
     return meshes
+
+
+def local_tensor(t: Any) -> Any:
+    """A DTensor's local tensor (no autograd, no copy); anything else as it is."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def group_by_mesh(keys: Iterable[MeshKey]) -> dict[MeshKey, list[int]]:

@@ -23,7 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 
-from fxmesh.meshes import group_by_mesh, mesh_key, replicate
+from fxmesh.meshes import group_by_mesh, local_tensor, mesh_key, replicate
 
 __all__ = [
     "MESH_AWARE_OPS",
@@ -59,14 +59,10 @@ def _scalars_on(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _per_mesh(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kwargs: dict[str, Any]) -> None:
-    locals_ = [_local(p) for p in lists[0]]
+    locals_ = [local_tensor(p) for p in lists[0]]
     if not locals_ or any(isinstance(t, FakeTensor) for t in locals_):
         return
     _call_per_mesh(op, lists, _scalars_on(kwargs, locals_[0].device))
-
-
-def _local(value: Any) -> Any:
-    return value._local_tensor if isinstance(value, DTensor) else value
 
 
 def _on_local_tensors(op: Callable[..., None], lists: tuple[list[torch.Tensor], ...], kwargs: dict[str, Any]) -> None:
@@ -75,10 +71,10 @@ def _on_local_tensors(op: Callable[..., None], lists: tuple[list[torch.Tensor], 
     The fused optimizers' math is elementwise on each rank's shard, so the local
     call is the whole update.
     """
-    local_lists = [[_local(t) for t in entries] for entries in lists]
+    local_lists = [[local_tensor(t) for t in entries] for entries in lists]
     if not local_lists[0] or any(isinstance(t, FakeTensor) for t in local_lists[0]):
         return
-    op(*local_lists, **_scalars_on({k: _local(v) for k, v in kwargs.items()}, local_lists[0][0].device))
+    op(*local_lists, **_scalars_on({k: local_tensor(v) for k, v in kwargs.items()}, local_lists[0][0].device))
 
 
 @torch._dynamo.allow_in_graph

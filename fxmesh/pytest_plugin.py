@@ -338,12 +338,10 @@ def _laid_out_like(grad: Any, param: Any) -> Any:
     A gradient transposed against its parameter would make the eager shadow wrong, not the compiled step.
     """
     import torch
-    from torch.distributed.tensor import DTensor
 
-    def local(t: Any) -> Any:
-        return t._local_tensor if isinstance(t, DTensor) else t
+    from fxmesh.meshes import local_tensor
 
-    if local(grad).stride() == local(param).stride():
+    if local_tensor(grad).stride() == local_tensor(param).stride():
         return grad
     return torch.empty_like(param).copy_(grad)
 
