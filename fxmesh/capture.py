@@ -149,12 +149,13 @@ def _spans_meshes_beside_plain_tensors(fn: Any, args: Any, kwargs: Any) -> bool:
     """A ``torch._foreach_*`` call whose DTensors sit on several meshes next to plain tensors."""
     if not getattr(fn, "__name__", "").startswith("_foreach_"):
         return False
-    values = [v for var in (*args, *kwargs.values()) for v in _traced_values(var) if isinstance(v, torch.Tensor)]
+    values = _traced_tensors(args, kwargs)
     return len(distinct_meshes(values)) > 1 and any(not isinstance(v, DTensor) for v in values)
 
 
-def _has_dtensors(args: Any, kwargs: Any) -> bool:
-    return any(isinstance(v, DTensor) for var in (*args, *kwargs.values()) for v in _traced_values(var))
+def _traced_tensors(args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """Example values of a call's tensor arguments, list items included."""
+    return [v for var in (*args, *kwargs.values()) for v in _traced_values(var) if isinstance(v, torch.Tensor)]
 
 
 def _lookup(table: dict[Any, Any], value: Any) -> Any:
@@ -201,7 +202,9 @@ def install() -> None:
     @functools.wraps(dynamo_call_in_graph)
     def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
         stand_in = _lookup(MESH_AWARE_OPS, self.value)
-        if _lookup(PER_ENTRY_OPS, self.value) is not None and _has_dtensors(args, kwargs):
+        if _lookup(PER_ENTRY_OPS, self.value) is not None and any(
+            isinstance(v, DTensor) for v in _traced_tensors(args, kwargs)
+        ):
             stand_in = foreach_per_entry(self.value)
         per_mesh = stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs)
         if (stand_in is None and not per_mesh) or not _compiling_with_fxmesh(tx):
