@@ -74,10 +74,11 @@ for stage in "${@:-tests overhead1000 moe}"; do
             ;;
         tests)
             start=$SECONDS
-            # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core).
+            # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core);
+            # tests spread one by one (setup.cfg's --dist loadfile would keep each file on one worker).
             FXMESH_TEST_DEVICE=cuda TORCHINDUCTOR_COMPILE_THREADS=4 \
                 timeout -s INT -k 20 ${TEST_TIMEOUT:-150} \
-                python3 -m pytest -v -n 12 -p no:cacheprovider --tb=short \
+                python3 -m pytest -v -n 12 --dist load -p no:cacheprovider --tb=short \
                 ${TEST_FILES:-tests/test_aten_fused.py tests/test_adam.py tests/test_sgd.py tests/test_train_step.py tests/test_clip.py} \
                 >"$OUT/tests_cuda.log" 2>&1
             echo "cuda tests: rc=$? in $((SECONDS - start)) s"

@@ -3,6 +3,8 @@
 :func:`run` spawns ``world_size`` processes on this machine, joins them into
 one process group (gloo by default) over 127.0.0.1 and returns what each
 rank's function returned.  A rank that raises stops the world; its traceback is in the error.
+The ranks meet through a file in a temporary directory, not a TCP port: worlds
+started side by side (parallel test workers) cannot race for one port.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import os
 import queue
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -27,21 +30,15 @@ class WorldError(RuntimeError):
     """A rank of a local world failed, died or timed out."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(
-    fn: Callable[..., Any], rank: int, world_size: int, port: int, backend: str, results: Any, args: tuple
+    fn: Callable[..., Any], rank: int, world_size: int, rendezvous: str, backend: str, results: Any, args: tuple
 ) -> None:
     # Ranks share the machine's cores: one intra-op thread each, and Inductor
     # compiles in-process instead of starting a pool of workers per rank.
     torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
         results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -63,39 +60,45 @@ def run(
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
     # Gloo connects the ranks through the interface its hostname resolves to;
     # pin it to loopback so the world needs no network.
     env = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", _loopback_interface())}
-    with _environ(env):
+    with tempfile.TemporaryDirectory(prefix="fxmesh-world-") as tmp, _environ(env):
+        rendezvous = os.path.join(tmp, "rendezvous")
         procs = [
-            ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, backend, results, args), daemon=True)
+            ctx.Process(target=_rank_main, args=(fn, rank, world_size, rendezvous, backend, results, args), daemon=True)
             for rank in range(world_size)
         ]
         for p in procs:
             p.start()
+        try:
+            return _gather(procs, results, timeout)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+
+
+def _gather(procs: list[Any], results: Any, timeout: float) -> list[Any]:
+    """Each rank's result, in rank order, once every rank has put one."""
+    world_size = len(procs)
     done: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
-    try:
-        while len(done) < world_size:
-            try:
-                rank, ok, value = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
-                if dead:
-                    raise WorldError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
-                if time.monotonic() > deadline:
-                    raise WorldError(f"the world of {world_size} ranks did not finish in {timeout:.0f} s") from None
-                continue
-            if not ok:
-                raise WorldError(f"rank {rank} failed:\n{value}")
-            done[rank] = value
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+    while len(done) < world_size:
+        try:
+            rank, ok, value = results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
+            if dead:
+                raise WorldError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+            if time.monotonic() > deadline:
+                raise WorldError(f"the world of {world_size} ranks did not finish in {timeout:.0f} s") from None
+            continue
+        if not ok:
+            raise WorldError(f"rank {rank} failed:\n{value}")
+        done[rank] = value
+    for p in procs:
+        p.join()
     return [done[rank] for rank in range(world_size)]
 
 
