@@ -25,6 +25,7 @@ from fxmesh.passes import Pass, resolve_passes, run_passes
 from fxmesh.passes.aten_fused_adam import aten_fused_adam
 from fxmesh.passes.lower_fused_adam import lower_fused_adam
 from fxmesh.pieces import compile_in_pieces
+from fxmesh.specialize import marked_dynamic, specialize_sizes
 
 __all__ = ["FxmeshBackend", "backend", "fxmesh_backend"]
 
@@ -121,6 +122,12 @@ class FxmeshBackend:
         # mutated parameters back outside Inductor's view.
         records_autograd = _records_autograd(gm)
         inference = torch.is_grad_enabled() and not records_autograd
+        # Before the passes, which read the example values' sizes.
+        specialized = not records_autograd and specialize_sizes(gm, example_inputs)
+        if specialized:
+            counters["fxmesh"]["specialized_graphs"] += 1
+        # A size mark_dynamic asked for stays symbolic on the DTensors; the local shards would specialize it.
+        on_dtensors = records_autograd or not self.local_shards or marked_dynamic(gm, example_inputs) is not None
         try:
             # The passes rewrite optimizer math, which torch.optim runs under
             # no_grad: the in-place updates of leaf parameters they trace are
@@ -128,7 +135,7 @@ class FxmeshBackend:
             with torch.no_grad():
                 modified = run_passes(gm, self.passes)
                 # Autograd through to_local needs the DTensor; only no-grad math runs on the shards.
-                local = localize(gm, example_inputs) if self.local_shards and not records_autograd else None
+                local = None if on_dtensors else localize(gm, example_inputs)
                 if self.fused_kernels == "aten":
                     passes = [("aten_fused_adam", aten_fused_adam), *self.deferred_passes]
                     modified += run_passes(gm if local is None else local.gm, passes)
@@ -137,13 +144,16 @@ class FxmeshBackend:
             counters["fxmesh"]["eager_fallbacks"] += 1
             return gm.forward
         log.debug("fxmesh passes that changed the graph: %s", modified)
-        # Read from Dynamo's inputs: the local shards carry no symbolic context of their own.
+        # Read from Dynamo's inputs: the local shards carry no symbolic context of
+        # their own, and AOT fakes DTensor inputs again from that context (a
+        # specialized size is then a symbol bound to its value).
         dynamic = has_dynamic_sizes(example_inputs)
-        if dynamic:
+        if dynamic and not specialized:
             counters["fxmesh"]["symbolic_graphs"] += 1
         if local is None:
             return self._compile_in_mode(gm, example_inputs, inference, dynamic)
         counters["fxmesh"]["local_shard_graphs"] += 1
+        dynamic = dynamic and not specialized
         compiled = None
         if self.pieces:
             compiled = compile_in_pieces(

@@ -259,6 +259,7 @@ def _format_report(report: Report) -> str:
         ("recompiles", report.recompiles),
         ("graphs on local shards", f"{report.local_shard_graphs} of {report.graphs}"),
         ("graphs with symbolic sizes", f"{report.symbolic_graphs} of {report.graphs}"),
+        ("graphs made static", f"{report.specialized_graphs} of {report.graphs}"),
         ("pieces (compiled)", f"{report.pieces} ({report.piece_compiles})"),
         ("compile seconds", f"{report.compile_seconds:.2f}"),
     ]

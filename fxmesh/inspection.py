@@ -146,9 +146,12 @@ class Report:
     multi_mesh_nodes: list[str]
     # Graphs compiled over the DTensors' local tensors (fxmesh.local); the others over DTensors.
     local_shard_graphs: int = 0
-    # Graphs Dynamo passed symbolic sizes (a recompile for other shapes; from torch 2.13 FSDP2's
-    # gradients, views of its reduce-scatter buffer): slower to compile, and Inductor keeps its size asserts.
+    # Graphs Dynamo passed symbolic sizes that fxmesh kept (a batch's length, mark_dynamic): slower to
+    # compile, and Inductor keeps its size asserts.
     symbolic_graphs: int = 0
+    # Graphs whose parameters', gradients' and optimizer state's symbolic sizes fxmesh made static
+    # (a recompile for other shapes; gradients that are views, as FSDP2's; fxmesh.specialize).
+    specialized_graphs: int = 0
     # Pieces those graphs run as, and how many of them were compiled (fxmesh.pieces; 0 where none split).
     pieces: int = 0
     piece_compiles: int = 0
@@ -504,6 +507,7 @@ def inspect_step(
         multi_mesh_nodes=recorder.multi_mesh_nodes,
         local_shard_graphs=counters["fxmesh"]["local_shard_graphs"],
         symbolic_graphs=counters["fxmesh"]["symbolic_graphs"],
+        specialized_graphs=counters["fxmesh"]["specialized_graphs"],
         pieces=counters["fxmesh"]["pieces"],
         piece_compiles=counters["fxmesh"]["piece_compiles"],
     )

@@ -108,6 +108,7 @@ def test_table_lists_meshes_per_mesh_nodes_and_breaks(graph_break_step):
     out = graph_break_step.stdout
     assert re.search(r"^graphs on local shards\s+(\d+) of \1$", out, re.M), out
     assert re.search(r"^graphs with symbolic sizes\s+0 of \d+$", out, re.M), out
+    assert re.search(r"^graphs made static\s+\d+ of \d+$", out, re.M), out
     assert re.search(r"^pieces \(compiled\)\s+\d+ \(\d+\)$", out, re.M), out
     assert re.search(r"^dp\(dp=8\)\s+dp\s+8\s+8\s+64\s+256$", out, re.M), out
     assert re.search(r"^ep\(dp_mod_ep=2, ep=4\)\s+dp_mod_ep, ep\s+2x4\s+12\s+128\s+512$", out, re.M), out

@@ -174,16 +174,15 @@ def test_gradients_in_shared_buffers_compile_in_pieces(dp, monkeypatch):
     assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 1
 
 
-def test_a_recompile_for_other_shapes_compiles_whole(dp, monkeypatch, caplog):
-    """A second optimizer of other shapes: Dynamo recompiles the step with symbolic sizes, which stays one graph,
-    with a warning that points to ``dynamic=False``; a third one compiled so splits again.
-
-    Every optimizer's steps match eager fused Adam on plain tensors.  (The pieces' keys cannot hold symbolic
-    sizes; this raised ``unhashable type: non-nested SymInt`` before.)
+def test_a_recompile_for_other_shapes_splits_too(dp, monkeypatch, caplog):
+    """A second optimizer of other shapes: Dynamo recompiles the step with symbolic sizes, which fxmesh makes
+    static (fxmesh.specialize), so that step splits into pieces too, with no warning; so does a third one
+    compiled with ``dynamic=False``.  Every optimizer's steps match eager fused Adam on plain tensors.
+    (The pieces' keys cannot hold symbolic sizes: such a step used to compile whole.)
     """
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
     monkeypatch.setattr(importlib.import_module("fxmesh.lowering"), "TABLE_ROWS", 2)  # a component per 2 parameters
-    for shape, dynamic, pieces in (((4, 4), None, 2), ((2, 8), None, 0), ((8, 2), False, 2)):
+    for shape, dynamic, specialized in (((4, 4), None, 0), ((2, 8), None, 1), ((8, 2), False, 0)):
         counters.clear()
         caplog.clear()
         params = _params([dp], 4, [shape])
@@ -192,9 +191,10 @@ def test_a_recompile_for_other_shapes_compiles_whole(dp, monkeypatch, caplog):
         step = torch.compile(opt.step, backend=fxmesh.backend(compiler="aot_eager"), dynamic=dynamic)
         with caplog.at_level(logging.WARNING, logger="fxmesh.lowering"):
             _step_and_compare(params, opt, ref_opt, ref, step)
-        assert counters["fxmesh"]["local_shard_graphs"] == 1 and counters["fxmesh"]["pieces"] == pieces
-        assert ("dynamic=False" in caplog.text) == (pieces == 0), caplog.text
-        assert counters["fxmesh"]["symbolic_graphs"] == (pieces == 0)
+        assert counters["fxmesh"]["local_shard_graphs"] == 1 and counters["fxmesh"]["pieces"] == 2
+        assert "dynamic=False" not in caplog.text, caplog.text
+        # Gradients from DTensor.from_local are views, which torch 2.11-2.13 trace with symbolic sizes anyway.
+        assert counters["fxmesh"]["specialized_graphs"] >= specialized and counters["fxmesh"]["symbolic_graphs"] == 0
 
 
 def test_pieces_off(dp):
