@@ -2,10 +2,10 @@
 
 Dynamo traces some optimizer tensors with symbolic sizes although they never
 change shape: automatic dynamic shapes does it to every size of torch.optim's
-shared step code once a second optimizer of other shapes compiles it, and
-torch 2.11-2.13 trace a gradient whose local tensor is a view (FSDP2's
-reduce-scatter buffer, ``DTensor.from_local``) with symbolic sizes even under
-``dynamic=False``.  Symbolic sizes cost fxmesh a lot and buy nothing there:
+shared step code once a second optimizer of other shapes compiles it, and a
+gradient whose local tensor is a view (FSDP2's, a view of its reduce-scatter
+buffer, from torch 2.13; ``DTensor.from_local``'s on 2.11-2.13) is traced with
+symbolic sizes even under ``dynamic=False``.  Symbolic sizes cost fxmesh a lot and buy nothing there:
 DTensor's sharding propagation caches nothing for them, the step cannot be
 compiled in pieces keyed by shape (:mod:`fxmesh.pieces`), and Inductor must
 keep its per-input size asserts (measured in ``bench/RESULTS.md``).
@@ -184,7 +184,7 @@ def _sizes(value: Any) -> list[Any]:
     if not isinstance(value, torch.Tensor):
         return []
     local = local_tensor(value)
-    return [*value.shape, *local.shape, *local.stride(), local.storage_offset()]
+    return [*value.shape, *value.stride(), *local.shape, *local.stride(), local.storage_offset()]
 
 
 def _storage(real: torch.Tensor) -> StorageWeakRef:
