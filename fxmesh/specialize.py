@@ -5,10 +5,11 @@ change shape: automatic dynamic shapes does it to every size of torch.optim's
 shared step code once a second optimizer of other shapes compiles it, and a
 gradient whose local tensor is a view (FSDP2's, a view of its reduce-scatter
 buffer, from torch 2.13; ``DTensor.from_local``'s on 2.11-2.13) is traced with
-symbolic sizes even under ``dynamic=False``.  Symbolic sizes cost fxmesh a lot and buy nothing there:
-DTensor's sharding propagation caches nothing for them, the step cannot be
-compiled in pieces keyed by shape (:mod:`fxmesh.pieces`), and Inductor must
-keep its per-input size asserts (measured in ``bench/RESULTS.md``).
+symbolic sizes even under ``dynamic=False``.  Symbolic sizes cost fxmesh a lot
+and buy nothing there: DTensor's sharding propagation caches nothing for them,
+the step cannot be compiled in pieces keyed by shape (:mod:`fxmesh.pieces`),
+and Inductor must keep its per-input size asserts (measured in
+``bench/RESULTS.md``).
 
 :func:`specialize_sizes` guards every such size to its value, the way a
 backend specializes a symbol it cannot compile generically (Dynamo installs
