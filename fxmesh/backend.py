@@ -20,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic
 from fxmesh.capture import install
 from fxmesh.errors import EagerFallback
 from fxmesh.guards import streamline_dtensor_guards
-from fxmesh.local import localize
+from fxmesh.local import HIDE_CACHEABLE, hide_shard_mutations, localize
 from fxmesh.passes import Pass, resolve_passes, run_passes
 from fxmesh.passes.aten_fused_adam import aten_fused_adam
 from fxmesh.passes.lower_fused_adam import lower_fused_adam
@@ -212,14 +212,21 @@ class FxmeshBackend:
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], dynamic: bool) -> Callable[..., Any]:
         if self.compiler == "eager":
             return gm.forward
+        hidden = hide_shard_mutations(gm)
         if self.compiler == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager
 
             return aot_eager(gm, example_inputs)
         from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
         config_patches = self.inductor_config_for(example_inputs, dynamic)
+        if hidden:
+            cacheable = config_patches.get(
+                "unsafe_marked_cacheable_functions", inductor_config.unsafe_marked_cacheable_functions
+            )
+            config_patches = {**config_patches, "unsafe_marked_cacheable_functions": {**cacheable, **HIDE_CACHEABLE}}
         if not any(isinstance(t, DTensor) for t in example_inputs):
             return compile_fx(gm, example_inputs, config_patches=config_patches)
         # AOTAutograd's cache keys a DTensor input by its global spec, not its local

@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 from fxmesh.fused_ops import bind, fused_op
 from fxmesh.meshes import example_value, replicate
 
-__all__ = ["LocalGraph", "LocalShards", "localize"]
+__all__ = ["SHARD", "LocalGraph", "LocalShards", "hide_shard_mutations", "localize"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ class LocalShards:
 
     ``compiled`` takes the lifted DTensor attributes' local tensors first, then
     the frame's inputs, DTensors among them replaced by their local tensors.
-    The DTensors the graph mutates get their version counters bumped, as AOT
-    does for mutated inputs, so autograd still notices the in-place update.
+    The DTensors the graph mutates get their version counters bumped, as an
+    eager in-place DTensor op bumps them, so autograd still notices the
+    update.  Their local tensors' counters stay where they were, as eager
+    leaves them (:func:`hide_shard_mutations` tells AOT so).
     """
 
     lifted: tuple[DTensor, ...]
@@ -301,6 +303,52 @@ def _as_local(value: Any) -> Any:
     return value
 
 
+# Placeholder meta of a local graph: the input is a DTensor's local tensor.
+SHARD = "fxmesh_local_shard"
+
+
+@torch.fx.node.has_side_effect
+def _hide_mutations_from_autograd(*shards: Any) -> None:
+    """At AOT's trace: count every mutation so far of these functional tensors as hidden from autograd."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    for t in shards:
+        if not isinstance(t, FunctionalTensor):
+            continue  # run outside AOT's functionalization: nothing to record
+        for _ in range(torch._functionalize_mutation_counter(t.elem)):
+            if torch._functionalize_are_all_mutations_hidden_from_autograd(t.elem):
+                break
+            torch._functionalize_mark_mutation_hidden_from_autograd(t.elem)
+
+
+# Inductor's config entry that lets AOTAutograd's cache keep graphs calling it; the value keys
+# the cache entries, so it changes whenever the function's behaviour does.
+HIDE_CACHEABLE = {f"{__name__}.{_hide_mutations_from_autograd.__name__}": "1"}
+
+
+def hide_shard_mutations(gm: torch.fx.GraphModule) -> bool:
+    """Make AOTAutograd leave the version counters of the local shards ``gm`` mutates alone; True if any.
+
+    An eager in-place op on a DTensor bumps the DTensor's version counter, not
+    its local tensor's (torch 2.11-2.14), and :class:`LocalShards` bumps the
+    DTensors'.  AOT would bump each mutated graph input's counter on every
+    call as well: a second counter per updated tensor (3,000 at 1,000 AdamW
+    parameters), which eager never moves.  Appends, in place, a node that
+    marks the mutations of the :data:`SHARD` placeholders hidden from autograd
+    while AOT traces the graph (as it marks a Triton kernel's); the node
+    traces to nothing.  Plain-tensor inputs (step counts) keep AOT's bump, as
+    eager bumps them.  (Under ``compiler="aot_eager"`` AOT applies input
+    mutations after the graph with ``copy_``, which bumps them all anyway.)
+    """
+    shards = [p for p in gm.graph.find_nodes(op="placeholder") if p.meta.get(SHARD)]
+    if not shards or gm.graph.find_nodes(op="call_function", target=_hide_mutations_from_autograd):
+        return False
+    with gm.graph.inserting_before(gm.graph.output_node()):
+        gm.graph.call_function(_hide_mutations_from_autograd, tuple(shards))
+    gm.recompile()
+    return True
+
+
 _DYNAMO_GM_ATTRIBUTES = ("_backend_id", "compile_subgraph_reason", "_source_to_user_stacks")
 
 
@@ -325,9 +373,12 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
-    for old in gm.graph.find_nodes(op="placeholder"):
+    shard_inputs = set(dtensor_inputs)
+    for i, old in enumerate(gm.graph.find_nodes(op="placeholder")):
         if hasattr(old, "_dynamo_source"):
             env[old]._dynamo_source = old._dynamo_source
+        if i in shard_inputs:
+            env[old].meta[SHARD] = True
     sources = dict(getattr(gm, "_param_name_to_source", None) or {})
     lifted: dict[str, torch.fx.Node] = {}
     first = next(iter(graph.nodes))
@@ -343,6 +394,7 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
             placeholder._dynamo_source = sources.pop(old.target, None)
             placeholder.meta["tensor_dict"] = {"_dynamo_static_input_type": "guarded"}
             placeholder.meta["example_value"] = example_value(old)
+            placeholder.meta[SHARD] = True
             lifted[old.target] = placeholder
         env[old].replace_all_uses_with(lifted[old.target])
         graph.erase_node(env[old])

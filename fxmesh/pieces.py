@@ -61,6 +61,7 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import has_free_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from fxmesh.local import SHARD
 from fxmesh.lowering import LOWERED_META
 
 __all__ = ["PIECE_NODES", "compile_in_pieces"]
@@ -211,7 +212,8 @@ class _Piece:
         outputs = tuple(position[n] for n in self.outputs)
         storages: dict[StorageWeakRef, int] = {}
         aliases = tuple(storages.setdefault(_storage(v), i) for i, v in enumerate(self.values))
-        kinds = tuple(_INPUT_ORDER.get(n.op, 2) for n in self.inputs)
+        # A local shard's mutations are hidden from autograd, a plain tensor's are not (fxmesh.local).
+        kinds = tuple((_INPUT_ORDER.get(n.op, 2), bool(n.meta.get(SHARD))) for n in self.inputs)
         return tuple(ops), outputs, kinds, tuple(_metadata(v) for v in self.values), aliases
 
 

@@ -59,10 +59,12 @@ def run_exact_parity(
             assert_same_state(compiled_opt, eager_opt, rtol=0.0)
             # Autograd must see the in-place update of every parameter, as after any compiled step (AOT bumps
             # mutated inputs); eager fused's kernel bumps no version counter at all (torch 2.11-2.14 on the CPU).
+            # A DTensor's local tensor keeps its counter, as under an eager in-place DTensor op.
             assert all(p._version > v for p, v in zip(params, versions)), f"step {s}: a version counter"
             for p, (v, local_v) in zip(params, grad_versions):
                 moved = (p.grad._version > v, local(p.grad)._version > local_v)
-                assert moved == (grads_written, grads_written), f"step {s}: gradient version counters {moved}"
+                expected = (grads_written, grads_written and not isinstance(p.grad, DTensor))
+                assert moved == expected, f"step {s}: gradient version counters {moved}"
     return compiled_opt, eager_opt, "\n".join(code)
 
 

@@ -100,7 +100,9 @@ def test_combo_kernels_option(meshes):
 
 
 def test_mutated_dtensors_get_new_versions(meshes):
-    """Parameters updated on their local shards still count as modified in place for autograd; grads do not."""
+    """Parameters and states updated on their local shards still count as modified in place for autograd;
+    grads do not.  As under an eager in-place DTensor op, a DTensor's counter moves and its local tensor's
+    does not; the plain step counts' move, as eagerly."""
     params = dtensor_params(meshes)
     opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
     step = torch.compile(opt.step, backend="fxmesh")
@@ -110,13 +112,29 @@ def test_mutated_dtensors_get_new_versions(meshes):
     p = params[0]
     saved = p * p  # autograd saves p for the backward
     set_grads([params], 1)
-    versions = [p._version for p in params]
+    states = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+    steps = [opt.state[p]["step"] for p in params]
+    assert not any(isinstance(t, DTensor) for t in steps)
+
+    def versions(tensors):
+        return [t._version for t in tensors]
+
+    before = [versions(ts) for ts in (params, states, [t._local_tensor for t in params + states], steps)]
     grad_versions = [p.grad._version for p in params]
     step()
-    assert all(p._version > v for p, v in zip(params, versions))
+    after = [versions(ts) for ts in (params, states, [t._local_tensor for t in params + states], steps)]
+    assert all(a > b for a, b in zip(after[0], before[0])), "parameters"
+    assert all(a > b for a, b in zip(after[1], before[1])), "states"
+    assert after[2] == before[2], "local tensors"
+    assert all(a > b for a, b in zip(after[3], before[3])), "step counts"
     assert [p.grad._version for p in params] == grad_versions
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward(torch.ones_like(saved))
+    # The eager reference for the local tensors: an in-place DTensor op leaves their counters alone.
+    local_version = p._local_tensor._version
+    with torch.no_grad():
+        p.mul_(1.0)
+    assert p._local_tensor._version == local_version
 
 
 def _refused_cases(dp):

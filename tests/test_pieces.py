@@ -13,8 +13,9 @@ from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor, Shard
 
 import fxmesh
+from fxmesh.local import SHARD
 from fxmesh.pieces import compile_in_pieces
-from tests.helpers import DEVICE, FP32_RTOL, assert_rel_close, dtensor_params
+from tests.helpers import DEVICE, FP32_RTOL, assert_rel_close, dtensor_params, local
 
 pieces_module = importlib.import_module("fxmesh.pieces")
 
@@ -77,6 +78,29 @@ def test_a_prologue_after_the_lowered_nodes_it_shares_a_tensor_with_keeps_the_gr
     graph.output(())
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     assert compile_in_pieces(gm, [torch.ones(4), torch.ones(4)], _eager) is None
+
+
+def test_a_local_shard_and_a_plain_tensor_are_other_inputs(monkeypatch):
+    """The same update of a DTensor's local shard and of a plain tensor compiles twice: AOT is told to leave
+    the shard's version counter alone (fxmesh.local.hide_shard_mutations), not the plain tensor's."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    graph = torch.fx.Graph()
+    inputs = [graph.placeholder(n) for n in "abcd"]
+    for x in inputs[:2]:
+        x.meta[SHARD] = True
+    for x in inputs:
+        _lowered(graph.call_method("copy_", (x, _lowered(graph.call_function(operator.mul, (x, 2.0))))))
+    graph.output(())
+    compiled = []
+
+    def compile_fn(gm, inputs):
+        compiled.append([p.meta.get(SHARD, False) for p in gm.graph.find_nodes(op="placeholder")])
+        return gm.forward
+
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    run = compile_in_pieces(gm, [torch.ones(4) for _ in inputs], compile_fn)
+    assert run is not None and compiled == [[True], [False]]
+    assert counters["fxmesh"]["pieces"] == 4
 
 
 def _params(meshes: list, n: int, shapes: list[tuple[int, ...]]) -> list[torch.nn.Parameter]:
@@ -195,6 +219,34 @@ def test_a_recompile_for_other_shapes_splits_too(dp, monkeypatch, caplog):
         assert "dynamic=False" not in caplog.text, caplog.text
         # Gradients from DTensor.from_local are views, which torch 2.11-2.13 trace with symbolic sizes anyway.
         assert counters["fxmesh"]["specialized_graphs"] >= specialized and counters["fxmesh"]["symbolic_graphs"] == 0
+
+
+def test_local_shards_and_plain_tensors_compile_apart(dp, monkeypatch):
+    """32 DTensor and 32 plain parameters of one local shape: the same math, but a local shard's version
+    counter stays where it was (as under an eager DTensor op) and a plain tensor's moves, so each kind
+    compiles pieces of its own.  Eager fused AdamW's results on plain copies, 1e-5."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    gen = torch.Generator().manual_seed(1)
+    params = _params([dp], 32, [(4, 4)]) + [
+        torch.nn.Parameter(torch.randn(4, 4, generator=gen).to(DEVICE)) for _ in range(32)
+    ]
+    ref = [torch.nn.Parameter(local(p).detach().clone()) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    step = torch.compile(opt.step, backend="fxmesh")
+    for k in range(3):
+        for p, r in zip(params, ref):
+            r.grad = torch.randn(4, 4, generator=gen).to(DEVICE)
+            p.grad = DTensor.from_local(r.grad.clone(), dp, p.placements) if isinstance(p, DTensor) else r.grad.clone()
+        versions = [(p._version, local(p)._version) for p in params]
+        step()
+        ref_opt.step()
+        for i, (p, (v, local_v)) in enumerate(zip(params, versions)):
+            moved = (p._version > v, local(p)._version > local_v)
+            assert moved == (True, not isinstance(p, DTensor)), f"step {k}, parameter {i}: {moved}"
+    for i, (p, r) in enumerate(zip(params, ref)):
+        assert_rel_close(local(p), r, FP32_RTOL, f"parameter {i}")
+    assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 2
 
 
 def test_pieces_off(dp):
