@@ -425,6 +425,6 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
             lifted=tuple(dtensor_attrs[t] for t in lifted),
             dtensor_inputs=tuple(dtensor_inputs),
             mutated_lifted=tuple(dtensor_attrs[t] for t in lifted if t in mutated_targets),
-            mutated_inputs=tuple(i for i in mutated_inputs if i in dtensor_inputs),
+            mutated_inputs=tuple(i for i in mutated_inputs if i in shard_inputs),
         ),
     )

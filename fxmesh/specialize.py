@@ -54,12 +54,13 @@ def specialize_sizes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     if tracing is None or not torch._dynamo.config.assume_static_by_default:
         return False
     reals = _real_tensors(gm, example_inputs)
-    symbolic = {node for node in reals if free_symbols(_sizes(example_value(node)))}
+    symbols = {node: free_symbols(_sizes(example_value(node))) for node in reals}
+    symbolic = {node for node, found in symbols.items() if found}
     if not symbolic:
         return False
     # The mode the graph's values were traced under (the context may hold a fresh one for the backend).
     fake_mode = graph_fake_mode(gm)
-    sizes = set().union(*(free_symbols(_sizes(example_value(node))) for node in symbolic))
+    sizes = set().union(*(symbols[node] for node in symbolic))
     # Dynamo passes a size the graph reads as a number (``p.numel()``) as an int placeholder of its own.
     size_inputs = [
         node
