@@ -65,9 +65,49 @@ def _local_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | 
         norms = [torch.linalg.vector_norm(t, norm_type) for t in nonempty]
     else:
         norms = list(torch._foreach_norm(nonempty, norm_type)) if nonempty else []
+    if len(nonempty) == len(tensors):
+        return norms
     empty = math.inf if norm_type == -math.inf else 0.0
     it = iter(norms)
     return [next(it) if t.numel() > 0 else torch.full((), empty, dtype=t.dtype, device=t.device) for t in tensors]
+
+
+def _reduce(values: torch.Tensor, op: str) -> torch.Tensor:
+    return values.sum() if op == "sum" else values.amax() if op == "max" else values.amin()
+
+
+# One call for a group's part of the total, so that a compiled graph holds one node for it: over
+# aten's _foreach_norm (which Inductor leaves to aten) Inductor's wrapper took each norm out of the
+# list, made a view of a stacked buffer for it and copied it there, a few microseconds of Python
+# per gradient on every call (bench/RESULTS.md CPU run T).  Library, not custom_op: see
+# fxmesh.passes.aten_fused_adam.
+_LIB = torch.library.Library("fxmesh", "FRAGMENT")
+_LIB.define("clip_norm_part(Tensor[] tensors, float norm_type, ScalarType dtype, bool foreach) -> Tensor")
+
+
+def _clip_norm_part(tensors: list[torch.Tensor], norm_type: float, dtype: torch.dtype, foreach: bool) -> torch.Tensor:
+    """The norms of ``tensors`` in ``dtype``, summed to the power p (the largest for inf, the smallest for -inf)."""
+    op = _reduce_op(norm_type)
+    norms = _local_norms(tensors, norm_type, None if foreach else False)
+    if len({n.dtype for n in norms}) == 1:
+        values = torch.stack(norms).to(dtype)
+    else:
+        values = torch.stack([n.to(dtype) for n in norms])
+    return _reduce(values.pow(norm_type) if op == "sum" else values, op)
+
+
+def _clip_norm_part_fake(
+    tensors: list[torch.Tensor], norm_type: float, dtype: torch.dtype, foreach: bool
+) -> torch.Tensor:
+    return tensors[0].new_empty((), dtype=dtype)
+
+
+_LIB.impl("clip_norm_part", _clip_norm_part, "CompositeExplicitAutograd")
+torch.library.register_fake("fxmesh::clip_norm_part", _clip_norm_part_fake, lib=_LIB)
+
+
+# The dtype of a norm: real for complex tensors.
+_NORM_DTYPE = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 def _sharding_groups(
@@ -103,34 +143,27 @@ def _sharding_groups(
 def _total_norm(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
     """The norm of ``tensors`` viewed as one vector: one all-reduce per group of tensors sharded alike."""
     locals_, groups = _sharding_groups(tensors)
-    norms = _local_norms(locals_, norm_type, foreach)
-    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    dtype = functools.reduce(torch.promote_types, (_NORM_DTYPE.get(t.dtype, t.dtype) for t in locals_))
     work = torch.promote_types(dtype, torch.float32)
     device = tensors[0].device
     op = _reduce_op(norm_type)
     powered = op == "sum" and norm_type != 0.0
 
-    def reduce(values: torch.Tensor) -> torch.Tensor:
-        return values.sum() if op == "sum" else values.amax() if op == "max" else values.amin()
-
-    def stacked(indices: list[int]) -> torch.Tensor:
-        values = torch.stack([norms[i].to(work) for i in indices])
-        return values.pow(norm_type) if powered else values
-
     parts = []
     for mesh, dims, indices in groups:
         if norm_type == 0.0:
             # torch counts the gradients with a nonzero norm: each gradient's count is needed whole.
-            counts = stacked(indices)
+            norms = _local_norms([locals_[i] for i in indices], norm_type, foreach)
+            counts = torch.stack([n.to(work) for n in norms])
             for d in dims:
                 counts = funcol.all_reduce(counts, "sum", (mesh, d))
             part = (counts != 0).sum().to(work)
         else:
-            part = reduce(stacked(indices))
+            part = torch.ops.fxmesh.clip_norm_part([locals_[i] for i in indices], norm_type, work, foreach is not False)
             for d in dims:
                 part = funcol.all_reduce(part, op, (mesh, d))
         parts.append(part.to(device))
-    total = reduce(torch.stack(parts))
+    total = _reduce(torch.stack(parts), op)
     return (total.pow(1.0 / norm_type) if powered else total).to(dtype)
 
 

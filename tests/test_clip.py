@@ -323,3 +323,21 @@ def test_other_backends_unchanged(meshes):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
     with pytest.raises(Exception, match="same mesh"):
         torch.compile(torch.nn.utils.clip_grad_norm_, backend="eager")(params, 1.0)
+
+
+def test_compiled_norm_is_one_call_per_sharding_group(meshes):
+    """Compiled, the norm is one ``fxmesh::clip_norm_part`` call per group of gradients sharded alike, not a
+    value per gradient that Inductor's wrapper takes apart (bench/RESULTS.md CPU run T); gradients of two
+    dtypes on one mesh still give torch's total over the local shards."""
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(8, 4, generator=gen).to(torch.bfloat16 if i % 3 == 0 else torch.float32) for i in range(40)]
+    tensors = [shard(g, meshes["dp"], [Shard(0)]) if i % 2 else shard(g, meshes["ep"], [Shard(0), Replicate()])
+               for i, g in enumerate(grads)]  # fmt: skip
+    want = torch.nn.utils.get_total_norm([t.to_local() for t in tensors])
+    with inductor_output_code() as codes:
+        got = torch.compile(torch.nn.utils.get_total_norm, backend="fxmesh")(tensors)
+    assert_rel_close(got, want, FP32_RTOL, "compiled")
+    assert got.dtype == torch.float32
+    code = "\n".join(codes)
+    assert code.count("torch.ops.fxmesh.clip_norm_part.default(") == 2, code[-3000:]
+    assert "_foreach_norm" not in code
