@@ -88,11 +88,8 @@ _LIB.define("clip_norm_part(Tensor[] tensors, float norm_type, ScalarType dtype,
 def _clip_norm_part(tensors: list[torch.Tensor], norm_type: float, dtype: torch.dtype, foreach: bool) -> torch.Tensor:
     """The norms of ``tensors`` in ``dtype``, summed to the power p (the largest for inf, the smallest for -inf)."""
     op = _reduce_op(norm_type)
-    norms = _local_norms(tensors, norm_type, None if foreach else False)
-    if len({n.dtype for n in norms}) == 1:
-        values = torch.stack(norms).to(dtype)
-    else:
-        values = torch.stack([n.to(dtype) for n in norms])
+    # torch.stack promotes norms of mixed dtypes to a float type that holds each of them exactly.
+    values = torch.stack(_local_norms(tensors, norm_type, None if foreach else False)).to(dtype)
     return _reduce(values.pow(norm_type) if op == "sum" else values, op)
 
 
