@@ -1,7 +1,8 @@
 """One optimizer step over parameters on several meshes: fxmesh against what users run today.
 
 Every variant runs in this one process, on the same workload, one after another (each
-variant's parameters and states are freed before the next is built).  Meshes come from a
+variant's parameters and states are freed before the next is built), or with --rounds R all
+resident, their timed steps split into R rounds whose order alternates.  Meshes come from a
 single-process fake process group: the process stands for one rank of a large job, and its
 tensors are that rank's local shards.
 
@@ -38,19 +39,22 @@ torch.optim creates them (eager fused Adam refuses float32 states beside bf16 pa
 
 Columns: median ms per step and its spread (interquartile range), percent of the
 memory-bandwidth floor (the bytes one step must move, e.g. 28 B/param for fp32 AdamW, over a
-device-to-device copy bandwidth measured in the same run), speedup over eager_fused, compile
-seconds (no compiled-graph cache: each variant compiles its graphs afresh, though C++/Triton
-kernels an earlier variant built are reused), recompiles after the first compiled call, peak
-memory increase over the parameters, grads and states (CUDA), kernels launched per step
-and their summed time with its percent of the floor (CUDA, one profiled step: the wall-clock
-minus this is where the host kept the GPU waiting), and the relative error of the parameters
-after the run against eager_fused's (eager_clip's for fxmesh_clip), max |a - e| / max |e| per
-tensor: every variant takes the same steps with the same gradients.
+device-to-device copy bandwidth measured in the same run), speedup over eager_fused (with
+--rounds, the median of the rounds' ratios of medians), compile seconds (no compiled-graph
+cache: each variant compiles its graphs afresh, though C++/Triton kernels an earlier variant
+built are reused; with --rounds, the earlier variants stay resident meanwhile), recompiles
+after the first compiled call, peak memory increase over the parameters, grads and states
+(CUDA), kernels launched per step and their summed time with its percent of the floor (CUDA,
+one profiled step: the wall-clock minus this is where the host kept the GPU waiting), and the
+relative error of the parameters after the run against eager_fused's (eager_clip's for
+fxmesh_clip), max |a - e| / max |e| per tensor: every variant takes the same steps with the
+same gradients.
 
 Examples:
   python bench/optim_step.py --workload moe-shard --scale 0.01      # CPU, 2.6M params
   python bench/optim_step.py --device cuda --workload moe-shard --json out.json
   python bench/optim_step.py --workload overhead --variants eager_fused,fxmesh
+  python bench/optim_step.py --workload overhead --variants eager_fused,fxmesh --steps 200 --rounds 10
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class Row:
     gpu_floor_pct: float | None = None
     rel_err: float | None = None
     note: str = ""
+    round_medians_ms: list[float] | None = None  # with --rounds: the median of each round
 
 
 class Timer:
@@ -166,12 +171,10 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def measure(self, fn: Callable[[], object], steps: int, warmup: int) -> tuple[float, float]:
+    def times(self, fn: Callable[[], object], steps: int) -> list[float]:
+        """Milliseconds of each of ``steps`` calls of ``fn`` (CUDA events on the GPU)."""
         import torch
 
-        for _ in range(warmup):
-            fn()
-        self.sync()
         times = []
         for _ in range(steps):
             if self.cuda:
@@ -185,6 +188,14 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    def measure(self, fn: Callable[[], object], steps: int, warmup: int) -> tuple[float, float]:
+        """Median and interquartile range of ``steps`` calls after ``warmup`` untimed ones."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = self.times(fn, steps)
         q = statistics.quantiles(times, n=4)
         return statistics.median(times), q[2] - q[0]
 
@@ -242,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each variant's timed steps into this many rounds, every variant resident and the "
+        "order reversed each round; x eager_fused is then the median of the rounds' ratios (a noisy "
+        "machine's drift cancels). 1: one variant after another, each freed before the next is built",
+    )
     parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument("--plot", help="bar chart PNG of median ms (needs matplotlib)")
     parser.add_argument(
@@ -252,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         help="with --profile, also write each profiled step as DIR/VARIANT.json (Chrome trace, with Python frames)",
     )
     args = parser.parse_args(argv)
+    if not 1 <= args.rounds <= args.steps:
+        parser.error(f"--rounds must be from 1 to --steps ({args.steps}), not {args.rounds}")
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -408,74 +429,138 @@ def main(argv: list[str] | None = None) -> int:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         return len(kernels), sum(e.time_range.elapsed_us() for e in kernels) / 1e3
 
-    rows: list[Row] = []
+    by_variant = {variant: Row(variant) for variant in variants}
+    live: dict[str, tuple[Callable[[], object], list[torch.nn.Parameter]]] = {}  # built, not failed
+    round_times: dict[str, list[list[float]]] = {variant: [] for variant in variants}
     final_params: dict[str, list[torch.Tensor]] = {}
-    for variant in variants:
-        row = Row(variant)
-        rows.append(row)
-        torch._dynamo.reset()
+
+    def failed(variant: str, e: Exception) -> None:  # a variant that fails is reported, not fatal
+        by_variant[variant].note = f"fails: {type(e).__name__}: {_gist(str(e))}"
+        by_variant[variant].median_ms = by_variant[variant].iqr_ms = None
+        if os.environ.get("FXMESH_BENCH_TRACEBACK"):
+            traceback.print_exc()
+        live.pop(variant, None)
+
+    def start(variant: str) -> None:
+        """Build ``variant``, take its first step (a compiled variant's compile) and its warm-up steps."""
+        row = by_variant[variant]
+        if args.rounds == 1:
+            torch._dynamo.reset()  # with rounds, the earlier variants' compiled steps must stay
         counters.clear()
         gc.collect()  # the previous variant's tensors and graphs; a full heap also slows compiles
-        step = ps = None
-        try:
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            step, compiled, ps = build(variant)
-            t0 = time.perf_counter()
-            step()  # creates the states; compiles a compiled variant
-            timer.sync()
-            if compiled:
-                row.compile_s = time.perf_counter() - t0
-                graphs = counters["stats"]["unique_graphs"]
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        step, compiled, ps = build(variant)
+        t0 = time.perf_counter()
+        step()  # creates the states; compiles a compiled variant
+        timer.sync()
+        if compiled:
+            row.compile_s = time.perf_counter() - t0
+            row.recompiles = 0
             breaks = sum(counters["graph_break"].values())
-            if dev == "cuda":
-                torch.cuda.synchronize()
-                states_mem = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            row.median_ms, row.iqr_ms = timer.measure(step, args.steps, args.warmup)
-            if dev == "cuda":
-                row.peak_mem_mb = (torch.cuda.max_memory_allocated() - states_mem) / 2**20
-            if compiled:
-                row.recompiles = counters["stats"]["unique_graphs"] - graphs
-                reasons = [r for r in counters["graph_break"] if "User-inserted graph break" not in r]
-                if counters["inductor"].get("cudagraph_skips"):
-                    row.note = "CUDA graphs skipped (see TORCH_LOGS=perf_hints)"
-                if reasons:
-                    row.note = f"{breaks} graph breaks, runs eager where it breaks: {_gist(reasons[0])}"
-            row.kernels, row.gpu_ms = profile_step(variant, step)
-            variant_floor_ms = clip_floor_ms if variant in CLIP_VARIANTS else floor_ms
-            row.floor_pct = 100 * variant_floor_ms / row.median_ms
-            if row.gpu_ms:
-                row.gpu_floor_pct = 100 * variant_floor_ms / row.gpu_ms
-            # Every variant takes the same number of steps with the same gradients.
-            final_params[variant] = [(p.to_local() if isinstance(p, DTensor) else p).detach().cpu() for p in ps]
-        except Exception as e:  # a variant that fails is reported, not fatal
-            row.note = f"fails: {type(e).__name__}: {_gist(str(e))}"
-            if os.environ.get("FXMESH_BENCH_TRACEBACK"):
-                traceback.print_exc()
-        finally:
-            del step, ps
+            reasons = [r for r in counters["graph_break"] if "User-inserted graph break" not in r]
+            if counters["inductor"].get("cudagraph_skips"):
+                row.note = "CUDA graphs skipped (see TORCH_LOGS=perf_hints)"
+            if reasons:
+                row.note = f"{breaks} graph breaks, runs eager where it breaks: {_gist(reasons[0])}"
+        for _ in range(args.warmup):
+            step()
+        timer.sync()
+        live[variant] = step, ps
+
+    def timed(variant: str, steps: int) -> None:
+        """``steps`` timed steps of ``variant``: one round's share."""
+        row, (step, _) = by_variant[variant], live[variant]
+        graphs = counters["stats"]["unique_graphs"]
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()  # the parameters, gradients and states
+            torch.cuda.reset_peak_memory_stats()
+        round_times[variant].append(timer.times(step, steps))
+        if dev == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            row.peak_mem_mb = max(row.peak_mem_mb or 0.0, peak)
+        if row.recompiles is not None:
+            row.recompiles += counters["stats"]["unique_graphs"] - graphs
+
+    def finish(variant: str) -> None:
+        """Profile ``variant``'s step, then record its times and final parameters, and free it."""
+        row, (step, ps) = by_variant[variant], live.pop(variant)
+        times = [t for ts in round_times[variant] for t in ts]
+        row.median_ms = statistics.median(times)
+        row.round_medians_ms = [statistics.median(ts) for ts in round_times[variant]]
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        row.iqr_ms = q[2] - q[0]
+        row.kernels, row.gpu_ms = profile_step(variant, step)
+        variant_floor_ms = clip_floor_ms if variant in CLIP_VARIANTS else floor_ms
+        row.floor_pct = 100 * variant_floor_ms / row.median_ms
+        if row.gpu_ms:
+            row.gpu_floor_pct = 100 * variant_floor_ms / row.gpu_ms
+        # Every variant takes the same number of steps with the same gradients.
+        final_params[variant] = [(p.to_local() if isinstance(p, DTensor) else p).detach().cpu() for p in ps]
+
+    def report(variant: str) -> None:
+        row = by_variant[variant]
         print(
             f"[{variant}] median {row.median_ms} ms (iqr {row.iqr_ms}), floor {row.floor_pct}%,"
             f" compile {row.compile_s} s, recompiles {row.recompiles}, kernels {row.kernels} ({row.gpu_ms} ms),"
             f" peak +{row.peak_mem_mb} MB {row.note}",
             flush=True,
         )
+
+    def attempt(fn: Callable[..., None], variant: str, *extra: int) -> None:
+        if fn is start or variant in live:  # a failed variant is left out from then on
+            try:
+                fn(variant, *extra)
+            except Exception as e:
+                failed(variant, e)
+
+    # Each round's share of the timed steps, the first rounds taking the remainder.
+    shares = [args.steps // args.rounds + (r < args.steps % args.rounds) for r in range(args.rounds)]
+    if args.rounds == 1:  # one variant at a time, each freed before the next is built
+        for variant in variants:
+            attempt(start, variant)
+            attempt(timed, variant, shares[0])
+            attempt(finish, variant)
+            live.pop(variant, None)
+            report(variant)
+    else:  # every variant resident; rounds alternate the order, so a drift in the machine's speed hits all
+        for variant in variants:
+            attempt(start, variant)
+            print(
+                f"[{variant}] built: compile {by_variant[variant].compile_s} s {by_variant[variant].note}", flush=True
+            )
+        for r, share in enumerate(shares):
+            for variant in variants if r % 2 == 0 else reversed(variants):
+                attempt(timed, variant, share)
+        for variant in variants:
+            attempt(finish, variant)
+            report(variant)
+    rows = list(by_variant.values())
     for row in rows:
         reference = final_params.get("eager_clip" if row.variant in CLIP_VARIANTS else "eager_fused")
         if reference is not None and row.variant in final_params:
             errors = [rel_error(a, e) for a, e in zip(final_params[row.variant], reference)]
             row.rel_err = max(errors, key=lambda err: math.inf if math.isnan(err) else err)  # NaN wins
-    base = next((r.median_ms for r in rows if r.variant == "eager_fused" and r.median_ms), None)
-    for row in rows:
-        if base and row.median_ms:
-            row.speedup = base / row.median_ms
-    eager_clip = next((r.median_ms for r in rows if r.variant == "eager_clip" and r.median_ms), None)
-    for row in rows:
-        if row.variant in CLIP_VARIANTS and row.variant != "eager_clip" and row.median_ms and eager_clip:
-            row.note = f"{eager_clip / row.median_ms:.2f}x eager_clip" + (f"; {row.note}" if row.note else "")
 
+    def speedup(row: Row, reference: str) -> float | None:
+        """The median over rounds of ``reference``'s median ms over ``row``'s, each pair timed in the same round."""
+        ref = round_times[reference]
+        if row.median_ms is None or len(ref) != args.rounds or len(round_times[row.variant]) != args.rounds:
+            return None
+        return statistics.median(
+            statistics.median(a) / statistics.median(b) for a, b in zip(ref, round_times[row.variant])
+        )
+
+    for row in rows:
+        if "eager_fused" in round_times:
+            row.speedup = speedup(row, "eager_fused")
+        if row.variant in CLIP_VARIANTS and row.variant != "eager_clip" and "eager_clip" in round_times:
+            clip_speedup = speedup(row, "eager_clip")
+            if clip_speedup is not None:
+                row.note = f"{clip_speedup:.2f}x eager_clip" + (f"; {row.note}" if row.note else "")
+
+    bandwidth_end = copy_bandwidth(dev, timer)  # the machine's speed may have drifted meanwhile
     if dev == "cuda":
         machine = torch.cuda.get_device_name()
     else:
@@ -485,7 +570,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{workload.numel / 1e6:.1f}M {workload.dtype} params on meshes {sorted(set(workload.meshes))}; "
         + (f"gradients as views of a buffer per {args.grad_buffers}; " if args.grad_buffers else "")
         + f"{machine}, torch {torch.__version__}, {datetime.date.today()}; "
-        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {floor_ms:.3f} ms ({clip_floor_ms:.3f} ms with clipping)"
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s ({bandwidth_end / 1e9:.0f} at the end), "
+        f"floor {floor_ms:.3f} ms ({clip_floor_ms:.3f} ms with clipping)"
+        + (
+            f"; {args.steps} timed steps per variant in {args.rounds} rounds of alternating order, "
+            "x eager_fused the median of the rounds' ratios"
+            if args.rounds > 1
+            else ""
+        )
     )
 
     def fmt(v, spec):
@@ -540,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                     "workload": dataclasses.asdict(workload) | {"numel": workload.numel},
                     "grad_buffers": args.grad_buffers,
                     "bandwidth_bytes_per_s": bandwidth,
+                    "bandwidth_end_bytes_per_s": bandwidth_end,
+                    "rounds": args.rounds,
                     "floor_ms": floor_ms,
                     "clip_floor_ms": clip_floor_ms,
                     "rows": [dataclasses.asdict(r) for r in rows],

@@ -42,6 +42,27 @@ def test_optim_step_gradient_buffers(tmp_path):
     assert rows["fxmesh"]["rel_err"] <= 1e-5, rows["fxmesh"]
 
 
+def test_optim_step_rounds(tmp_path):
+    """--rounds: all variants resident, timed in rounds; x eager_fused is the median of the rounds' ratios."""
+    result, rows = _eager_fused_and_fxmesh(tmp_path, "--tensors", "3", "--rounds", "3")
+    assert result["rounds"] == 3 and "in 3 rounds of alternating order" in result["header"]
+    eager, fx = rows["eager_fused"], rows["fxmesh"]
+    assert len(eager["round_medians_ms"]) == len(fx["round_medians_ms"]) == 3, rows  # --steps 3: one step a round
+    ratios = sorted(e / f for e, f in zip(eager["round_medians_ms"], fx["round_medians_ms"]))
+    assert fx["speedup"] == pytest.approx(ratios[1], rel=1e-12) and eager["speedup"] == 1.0, rows
+    assert min(fx["round_medians_ms"]) <= fx["median_ms"] <= max(fx["round_medians_ms"]), fx
+    assert fx["recompiles"] == 0 and fx["compile_s"] > 0 and fx["rel_err"] <= 1e-5, fx
+    assert result["bandwidth_end_bytes_per_s"] > 0
+
+
+@pytest.mark.parametrize("rounds", ["0", "4"])
+def test_optim_step_rounds_out_of_range(rounds):
+    """--rounds outside 1..--steps is refused before anything runs, naming the limit."""
+    cmd = [sys.executable, str(BENCH), "--steps", "3", "--rounds", rounds]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"--rounds must be from 1 to --steps (3), not {rounds}" in out.stderr, out.stderr
+
+
 def _bench_variants() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The bench's VARIANTS and GPU_ONLY, read from the script without running it."""
     spec = importlib.util.spec_from_file_location("fxmesh_bench_optim_step", BENCH)
