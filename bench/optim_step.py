@@ -543,22 +543,24 @@ def main(argv: list[str] | None = None) -> int:
             errors = [rel_error(a, e) for a, e in zip(final_params[row.variant], reference)]
             row.rel_err = max(errors, key=lambda err: math.inf if math.isnan(err) else err)  # NaN wins
 
-    def speedup(row: Row, reference: str) -> float | None:
-        """The median over rounds of ``reference``'s median ms over ``row``'s, each pair timed in the same round."""
-        ref = round_times[reference]
-        if row.median_ms is None or len(ref) != args.rounds or len(round_times[row.variant]) != args.rounds:
-            return None
-        return statistics.median(
-            statistics.median(a) / statistics.median(b) for a, b in zip(ref, round_times[row.variant])
-        )
+    def ratios(row: Row, reference: str) -> list[float]:
+        """Per round: ``reference``'s median ms over ``row``'s, both timed in that round; [] if either failed."""
+        if reference not in by_variant or by_variant[reference].median_ms is None or row.median_ms is None:
+            return []
+        pairs = zip(round_times[reference], round_times[row.variant], strict=True)
+        return [statistics.median(a) / statistics.median(b) for a, b in pairs]
+
+    def add_note(row: Row, text: str) -> None:
+        row.note = text + (f"; {row.note}" if row.note else "")
 
     for row in rows:
-        if "eager_fused" in round_times:
-            row.speedup = speedup(row, "eager_fused")
-        if row.variant in CLIP_VARIANTS and row.variant != "eager_clip" and "eager_clip" in round_times:
-            clip_speedup = speedup(row, "eager_clip")
-            if clip_speedup is not None:
-                row.note = f"{clip_speedup:.2f}x eager_clip" + (f"; {row.note}" if row.note else "")
+        if rs := ratios(row, "eager_fused"):
+            row.speedup = statistics.median(rs)
+            if len(rs) > 1 and row.variant != "eager_fused":
+                add_note(row, f"rounds: {min(rs):.2f}-{max(rs):.2f}x eager_fused")
+        if row.variant in CLIP_VARIANTS and row.variant != "eager_clip" and (rs := ratios(row, "eager_clip")):
+            rounds = f" (rounds: {min(rs):.2f}-{max(rs):.2f}x)" if len(rs) > 1 else ""
+            add_note(row, f"{statistics.median(rs):.2f}x eager_clip{rounds}")
 
     bandwidth_end = copy_bandwidth(dev, timer)  # the machine's speed may have drifted meanwhile
     if dev == "cuda":

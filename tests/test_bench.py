@@ -51,6 +51,7 @@ def test_optim_step_rounds(tmp_path):
     ratios = sorted(e / f for e, f in zip(eager["round_medians_ms"], fx["round_medians_ms"]))
     assert fx["speedup"] == pytest.approx(ratios[1], rel=1e-12) and eager["speedup"] == 1.0, rows
     assert min(fx["round_medians_ms"]) <= fx["median_ms"] <= max(fx["round_medians_ms"]), fx
+    assert fx["note"] == f"rounds: {ratios[0]:.2f}-{ratios[2]:.2f}x eager_fused", fx
     assert fx["recompiles"] == 0 and fx["compile_s"] > 0 and fx["rel_err"] <= 1e-5, fx
     assert result["bandwidth_end_bytes_per_s"] > 0
 
