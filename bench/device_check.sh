@@ -20,7 +20,10 @@
 #             data_ptr() and the driver's cuPointerGetAttribute for every tensor argument)
 #             slower than the GPU runs them. cpp_wrapper launches from C++ with raw pointers;
 #             CUDA graphs launch nothing from the host but copy the gradients in (2 GB of
-#             traffic, about 0.7 ms)
+#             traffic, about 0.7 ms). Run 4's fxmesh trace also spent 1.38 ms in Inductor's
+#             copy_misaligned_inputs (a data_ptr() read per non-static input per call): the
+#             pieces now keep parameters and states static (CPU run U), so only the gradients'
+#             reads should be left there
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten

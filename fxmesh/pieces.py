@@ -167,20 +167,32 @@ class _Piece:
         self.values = [sources[n] for n in self.inputs]
         self.outputs = list(outputs)
 
-    def build(self) -> torch.fx.GraphModule:
-        """The piece as a graph module, its inputs in :attr:`inputs` order."""
+    def static_and_aligned(self, i: int) -> bool:
+        """Whether input ``i`` is a static input of the step (a parameter or state) and aligned as Inductor requires."""
+        from torch._inductor.utils import tensor_is_aligned
+
+        value = self.values[i]
+        static = self.inputs[i].meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+        return bool(static) and isinstance(value, torch.Tensor) and tensor_is_aligned(value)
+
+    def build(self, like: torch.fx.GraphModule, static: set[int]) -> torch.fx.GraphModule:
+        """The piece as a graph module, its inputs in :attr:`inputs` order.
+
+        It carries the Dynamo metadata of ``like``, the graph it was split
+        from, as Dynamo's DDPOptimizer passes it to the graphs it splits off
+        (see AOTAutograd's Note [Assumption on Dynamo Metadata]): each input's
+        source where it has one, and a static-input mark on inputs ``static``
+        only.  AOTAutograd reads the marks into Inductor's static inputs.
+        """
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         for i, old in enumerate(self.inputs):
             new = graph.placeholder(f"input_{i}")
             new.meta.update(old.meta)
-            # Not a static input: one compiled batch takes several batches' tensors, so Inductor must
-            # not count on an address (on a GPU it then checks each input's alignment per call).
             tensor_dict = {**old.meta.get("tensor_dict", {})}
-            if tensor_dict.pop("_dynamo_static_input_type", None) is not None:
+            if i not in static and tensor_dict.pop("_dynamo_static_input_type", None) is not None:
                 new.meta["tensor_dict"] = tensor_dict
-            if hasattr(old, "_dynamo_source"):
-                new._dynamo_source = old._dynamo_source
+            new._dynamo_source = getattr(old, "_dynamo_source", None)
             env[old] = new
         for i, old in enumerate(self.nodes):
             if isinstance(old, _Lanes):
@@ -191,7 +203,10 @@ class _Piece:
             env[old] = graph.create_node(old.op, old.target, args, kwargs, name=f"v{i}", type_expr=old.type)
             env[old].meta.update(old.meta)
         graph.output(tuple(env[n] for n in self.outputs))
-        return torch.fx.GraphModule(torch.nn.Module(), graph)
+        module = torch.fx.GraphModule(torch.nn.Module(), graph)
+        module.meta.update(like.meta)
+        module._param_name_to_source = getattr(like, "_param_name_to_source", None) or {}
+        return module
 
     def key(self) -> tuple[Any, ...]:
         """Equal for pieces that are the same computation on inputs of the same metadata.
@@ -489,12 +504,19 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
     # read of it and the graph's outputs.
     first = [_Piece(list(dict.fromkeys(rest)), sources, [*split.carried, *graph_outputs])] if rest else []
     pieces = first + sorted(batches, key=lambda p: order[_first_node(p.nodes)])
+    keys = [piece.key() for piece in pieces]
+    same: dict[tuple[Any, ...], list[_Piece]] = {}
+    for key, piece in zip(keys, pieces):
+        same.setdefault(key, []).append(piece)
     compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
     calls = []
-    for piece in pieces:
-        key = piece.key()
+    for key, piece in zip(keys, pieces):
         if key not in compiled:
-            compiled[key] = compile_fn(piece.build(), list(piece.values))
+            # An input is static, as the step's parameters and states are in a graph compiled whole, where
+            # it is in every piece this compile serves: Inductor then checks its alignment once, on the
+            # example, instead of on every call (on a GPU, a data_ptr() read per input per call).
+            static = {i for i in range(len(piece.inputs)) if all(p.static_and_aligned(i) for p in same[key])}
+            compiled[key] = compile_fn(piece.build(gm, static), list(piece.values))
         calls.append((compiled[key], piece.inputs))
     counters["fxmesh"]["pieces"] += len(pieces)
     counters["fxmesh"]["piece_compiles"] += len(compiled)
