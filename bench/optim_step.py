@@ -521,8 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             attempt(start, variant)
             attempt(timed, variant, shares[0])
-            attempt(finish, variant)
-            live.pop(variant, None)
+            attempt(finish, variant)  # a failed or finished variant is no longer live: freed
             report(variant)
     else:  # every variant resident; rounds alternate the order, so a drift in the machine's speed hits all
         for variant in variants:
@@ -545,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def ratios(row: Row, reference: str) -> list[float]:
         """Per round: ``reference``'s median ms over ``row``'s, both timed in that round; [] if either failed."""
-        if reference not in by_variant or by_variant[reference].median_ms is None or row.median_ms is None:
+        ref = by_variant.get(reference)
+        if ref is None or ref.median_ms is None or row.median_ms is None:
             return []
-        pairs = zip(round_times[reference], round_times[row.variant], strict=True)
-        return [statistics.median(a) / statistics.median(b) for a, b in pairs]
+        return [a / b for a, b in zip(ref.round_medians_ms, row.round_medians_ms, strict=True)]
 
     def add_note(row: Row, text: str) -> None:
         row.note = text + (f"; {row.note}" if row.note else "")
