@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="K",
         help="gradients as views of one buffer per K parameters, as FSDP2's reduce-scatter leaves them "
-        "(from torch 2.13 Dynamo traces such gradients with symbolic sizes); 0: each owns its storage",
+        "(Dynamo left to itself traces such gradients with symbolic sizes, as under upstream's "
+        "torch_compile variants; fxmesh has them traced static); 0: each owns its storage",
     )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
@@ -336,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                 stride = torch.empty(glob, device="meta").stride()
                 p = torch.nn.Parameter(DTensor.from_local(local, mesh, placements, shape=glob, stride=stride))
                 # detach(): a grad whose local tensor is a view (as from_local makes it) gets
-                # symbolic shapes from Dynamo on the first compile (torch 2.13+), ~1.7x the compile
-                # time.  Gradients of plain autograd are not views; FSDP2's are (--grad-buffers).
+                # symbolic sizes from Dynamo under upstream's torch.compile (fxmesh.capture avoids
+                # it).  Gradients of plain autograd are not views; FSDP2's are (--grad-buffers).
                 grad = DTensor.from_local(grad, mesh, placements, shape=glob, stride=stride)
                 p.grad = grad if per_buffer else grad.detach()
             out.append(p)

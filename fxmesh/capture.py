@@ -42,6 +42,20 @@ the frame being traced is compiled by an fxmesh backend:
   would make Dynamo treat hyperparameters that differ between optimizers as
   dynamic.
 
+One more hook is not a call handler.  Dynamo makes a tensor's fake ``.grad``
+along with the tensor, and where the gradient holds a view and the tensor
+does not hold a like one (FSDP2's gradients are views of its reduce-scatter
+buffer; ``DTensor.from_local`` returns a view), it gives the gradient symbolic
+sizes even under ``dynamic=False``: all-dynamic ones on torch 2.13-2.14
+(``meta_utils``), the view's base size on 2.11.  On 2.13 those symbols cost
+about 55 ms of tracing per gradient and a Python shape guard on every call
+(``bench/RESULTS.md``, CPU run V), and :mod:`fxmesh.specialize` then had to
+make them static again.  So, where a tensor's gradient holds a view, Dynamo's
+``wrap_to_fake_tensor_and_record`` is called for the gradient first, under the
+source Dynamo gives it (``GradSource``): it gets the sizes Dynamo gives any
+tensor passed in (static, or what automatic dynamic shapes decided for that
+source), and the tensor's fake ``.grad`` is that fake tensor.
+
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.
 """
@@ -53,14 +67,17 @@ import inspect
 from typing import Any
 
 import torch
-from torch._dynamo.source import AttrSource
+from torch._dynamo.source import AttrSource, GradSource
+from torch._dynamo.variables import builder
 from torch._dynamo.variables.constant import ConstantVariable
 from torch._dynamo.variables.functions import SkipFunctionVariable, UserFunctionVariable
 from torch._dynamo.variables.lists import BaseListVariable
 from torch._dynamo.variables.tensor import TensorVariable
 from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxmesh import clip
 from fxmesh.meshes import distinct_meshes
@@ -175,12 +192,31 @@ def _is_optimizer_step_graph_break(value: Any, tx: Any) -> bool:
     return root.f_code.co_filename != _OPTIMIZER_FILE
 
 
+def _holds_a_view(t: torch.Tensor) -> bool:
+    """``t`` is a view, or a wrapper subclass (a DTensor) around one."""
+    if t._is_view():
+        return True
+    if is_traceable_wrapper_subclass(t):
+        inner = (getattr(t, attr) for attr in t.__tensor_flatten__()[0])
+        return any(isinstance(x, torch.Tensor) and _holds_a_view(x) for x in inner)
+    return False
+
+
+def _view_grad(e: Any) -> torch.Tensor | None:
+    """The gradient of leaf tensor ``e`` where it holds a view (FSDP2's, ``DTensor.from_local``'s)."""
+    if not isinstance(e, torch.Tensor) or isinstance(e, FakeTensor) or not e.is_leaf:
+        return None
+    grad = e.grad
+    return grad if grad is not None and _holds_a_view(grad) else None
+
+
 @functools.cache
 def install() -> None:
     """Install the scoped hook (idempotent)."""
     dynamo_call_function = SkipFunctionVariable.call_function
     dynamo_call_in_graph = TorchInGraphFunctionVariable.call_function
     dynamo_call_user_function = UserFunctionVariable.call_function
+    dynamo_wrap_to_fake = builder.wrap_to_fake_tensor_and_record
 
     def record_stand_in(stand_in: Any, tx: Any, args: Any, kwargs: Any) -> Any:
         return dynamo_call_in_graph(TorchInGraphFunctionVariable(stand_in), tx, args, kwargs)
@@ -218,6 +254,17 @@ def install() -> None:
             self = UserFunctionVariable(redirect)
         return dynamo_call_user_function(self, tx, args, kwargs)
 
+    @functools.wraps(dynamo_wrap_to_fake)
+    def wrap_to_fake(
+        e: Any, tx: Any, *, source: Any, is_tensor: bool, parent_context: Any = None, **kwargs: Any
+    ) -> Any:
+        if parent_context is None and source is not None and _compiling_with_fxmesh(tx):
+            grad = _view_grad(e)
+            if grad is not None:  # before its tensor, along with which it would get symbolic sizes
+                dynamo_wrap_to_fake(grad, tx, source=GradSource(source, "grad"), is_tensor=True)
+        return dynamo_wrap_to_fake(e, tx, source=source, is_tensor=is_tensor, parent_context=parent_context, **kwargs)
+
+    builder.wrap_to_fake_tensor_and_record = wrap_to_fake
     SkipFunctionVariable.call_function = call_function
     TorchInGraphFunctionVariable.call_function = call_in_graph
     UserFunctionVariable.call_function = call_user_function

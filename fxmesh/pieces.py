@@ -285,9 +285,9 @@ def _leaves(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[tor
     placeholders = gm.graph.find_nodes(op="placeholder")
     if len(placeholders) != len(example_inputs):
         return None
-    # Inputs nothing reads are in no piece.  Dynamo lifts the size symbols of a gradient that is a
-    # view (FSDP2's, of its reduce-scatter buffer: from torch 2.13 traced with symbolic sizes) as
-    # inputs, and after the lowering equated the gradients' sizes with the parameters' no node reads them.
+    # Inputs nothing reads are in no piece.  Dynamo lifts the size symbols of an input it traced
+    # symbolically (automatic dynamic shapes) as inputs of their own, and once fxmesh.specialize has
+    # made the sizes static no node reads them.
     leaves = {p: v for p, v in zip(placeholders, example_inputs) if p.users or isinstance(v, torch.Tensor)}
     for node in gm.graph.find_nodes(op="get_attr"):
         leaves[node] = operator.attrgetter(node.target)(gm)

@@ -2,10 +2,11 @@
 
 Dynamo traces some optimizer tensors with symbolic sizes although they never
 change shape: automatic dynamic shapes does it to every size of torch.optim's
-shared step code once a second optimizer of other shapes compiles it, and a
-gradient whose local tensor is a view (FSDP2's, a view of its reduce-scatter
-buffer, from torch 2.13; ``DTensor.from_local``'s on 2.11-2.13) is traced with
-symbolic sizes even under ``dynamic=False``.  Symbolic sizes cost fxmesh a lot
+shared step code once a second optimizer of other shapes compiles it.  (A
+gradient that holds a view, FSDP2's, would be traced with symbolic sizes even
+under ``dynamic=False``; :mod:`fxmesh.capture` has Dynamo trace those as it
+traces any input, so they reach this pass static unless automatic dynamic
+shapes made them symbolic.)  Symbolic sizes cost fxmesh a lot
 and buy nothing there: DTensor's sharding propagation caches nothing for them,
 the step cannot be compiled in pieces keyed by shape (:mod:`fxmesh.pieces`),
 and Inductor must keep its per-input size asserts (measured in

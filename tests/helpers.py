@@ -97,7 +97,7 @@ def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = (), views: boo
     """The same fresh gradients on every parameter list (DTensor grads keep the param's layout).
 
     DTensor grads own their local tensor, as autograd's do; with ``views`` the local tensor is a
-    view (as ``DTensor.from_local`` leaves it), which torch 2.11-2.13 trace with symbolic sizes.
+    view (as ``DTensor.from_local`` leaves it), which Dynamo alone traces with symbolic sizes.
     """
     g = torch.Generator().manual_seed(1000 + seed)
     ref = params_lists[0]

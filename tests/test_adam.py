@@ -65,7 +65,7 @@ def assert_fully_compiled(code: str, op: str = "_fused_adam", graphs: int = 1) -
 def test_adamw_three_meshes(meshes, grad_views):
     """AdamW over 1-D and 2-D meshes with uneven shards matches eager fused and leaves no aten call.
 
-    Also with gradients whose local tensors are views: torch 2.11-2.13 trace those with symbolic sizes.
+    Also with gradients whose local tensors are views (Dynamo alone traces those with symbolic sizes).
     """
     params = dtensor_params(meshes)
     _, _, code = run_parity(

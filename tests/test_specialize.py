@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import fxmesh
+from fxmesh.backend import FxmeshBackend
 from tests.helpers import FP32_RTOL, assert_rel_close
 
 
@@ -84,7 +85,7 @@ def test_a_batch_of_another_length_stays_symbolic(dp):
 def test_a_second_optimizer_of_other_shapes_is_static(dp, views, caplog):
     """Fused AdamW over parameters of one shape, then another: the second compile (automatic dynamic shapes)
     is made static, lowered and run on the local shards, with no warning; both match eager on plain tensors.
-    With gradients that are views (``DTensor.from_local``; torch 2.11-2.13 trace them symbolically) too."""
+    With gradients that are views (``DTensor.from_local``'s) too."""
     for rows in (2, 3):
         params = _params(dp, rows)
         ref = [torch.nn.Parameter(p.to_local().clone()) for p in params]
@@ -112,3 +113,83 @@ def test_a_second_optimizer_of_other_shapes_is_static(dp, views, caplog):
     assert counters["fxmesh"]["specialized_graphs"] >= 1
     assert counters["fxmesh"]["local_shard_graphs"] == counters["fxmesh"]["graphs"] == 2
     assert counters["fxmesh"]["lowered_nodes"] == 2
+
+
+def _views_of_one_buffer(params: list[torch.nn.Parameter], g: torch.Generator) -> list[torch.Tensor]:
+    """Fresh gradients for ``params``: each local tensor a view of one new buffer, as FSDP2's reduce-scatter
+    leaves them.  Returns the local gradients (for the reference)."""
+    locals_ = [torch.randn(p.to_local().shape, generator=g) for p in params]
+    buffer = torch.cat([t.flatten() for t in locals_])
+    offset = 0
+    for p, t in zip(params, locals_):
+        view = buffer[offset : offset + t.numel()].view(t.shape)
+        offset += t.numel()
+        p.grad = DTensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return locals_
+
+
+def _shape_env_symbols() -> int:
+    shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
+    values = getattr(shape_env, "backed_var_to_val", None)  # var_to_val is deprecated
+    return len(values if values is not None else shape_env.var_to_val)
+
+
+class _CountingSymbols(FxmeshBackend):
+    """fxmesh's backend, counting the symbols Dynamo's trace made (in ``symbols``) before it compiles."""
+
+    def __init__(self, symbols: list[int]) -> None:
+        super().__init__(compiler="aot_eager")
+        self.symbols = symbols
+
+    def __call__(self, gm, example_inputs):
+        self.symbols.append(_shape_env_symbols())
+        return super().__call__(gm, example_inputs)
+
+
+@pytest.mark.parametrize("backend", ["fxmesh", "recording"])
+def test_view_gradients_are_traced_with_static_sizes(dp, ep, backend):
+    """Gradients that are views of one buffer per mesh, a new buffer each step (FSDP2's): Dynamo gives them
+    all-dynamic sizes where it makes them with their parameter, and fxmesh has it make them first, as any input,
+    so the graph is static from the start (nothing for ``fxmesh.specialize`` to do) and one graph serves every
+    step.  Under another backend Dynamo's own path is unchanged: its graph takes the symbols (upstream's
+    behaviour, torch 2.11-2.14: this test notices when that changes)."""
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(
+            distribute_tensor(torch.randn(8 * rows, 6, generator=g), mesh, placements, src_data_rank=None)
+        )
+        for mesh, placements in ((dp, [Shard(0)]), (ep, [Shard(0), Shard(1)]))
+        for rows in (2, 3, 2)
+    ]
+    ref = [torch.nn.Parameter(p.to_local().clone()) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    symbols: list[int] = []
+
+    def recording(gm, example_inputs):
+        symbols.append(_shape_env_symbols())
+        return gm.forward
+
+    chosen = _CountingSymbols(symbols) if backend == "fxmesh" else recording
+    if backend == "recording":  # upstream's fused step takes no DTensors on several meshes: one mesh, foreach
+        params, ref = params[:3], ref[:3]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
+        ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=True)
+    step = torch.compile(opt.step, backend=chosen)
+    for _ in range(3):
+        for mesh in {p.device_mesh for p in params}:
+            on_mesh = [i for i, p in enumerate(params) if p.device_mesh is mesh]
+            grads = _views_of_one_buffer([params[i] for i in on_mesh], g)
+            for i, grad in zip(on_mesh, grads):
+                ref[i].grad = grad.clone()
+        assert params[1].grad.to_local()._base is not None
+        step()
+        ref_opt.step()
+    for i, (p, r) in enumerate(zip(params, ref)):
+        assert_rel_close(p.to_local(), r, FP32_RTOL, f"parameter {i}")
+    if backend == "fxmesh":
+        assert symbols == [0]
+        assert counters["fxmesh"]["graphs"] == counters["fxmesh"]["local_shard_graphs"] == 1
+        assert counters["fxmesh"]["specialized_graphs"] == 0 and counters["fxmesh"]["symbolic_graphs"] == 0
+    else:
+        assert len(symbols) == 1 and symbols[0] > 0, symbols
