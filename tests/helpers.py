@@ -115,6 +115,22 @@ def set_grads(params_lists, seed: int, none_at: tuple[int, ...] = (), views: boo
                 p.grad = grad.clone()
 
 
+def grads_in_buffers(params, gen: torch.Generator, per_buffer: int) -> list[torch.Tensor]:
+    """Fresh gradients on DTensor ``params``, the local tensors of each ``per_buffer`` in turn views of one
+    flat buffer, as FSDP2's reduce-scatter leaves a module's gradients.  Returns the local gradients."""
+    out = []
+    for i, p in enumerate(params):
+        shard = p.to_local()
+        if i % per_buffer == 0:
+            size = sum(q.to_local().numel() for q in params[i : i + per_buffer])
+            flat, offset = torch.randn(size, generator=gen).to(DEVICE), 0
+        g = flat[offset : offset + shard.numel()].view(shard.shape)
+        offset += shard.numel()
+        p.grad = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        out.append(g)
+    return out
+
+
 # Where GradScaler's inputs live in the tests: GradScaler keeps them on the parameters' device; a user may
 # hand the optimizer CPU ones, which eager torch.optim copies to the device.
 SCALER_DEVICES = sorted({"cpu", DEVICE})

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, Shard
 import fxmesh
 from fxmesh.local import SHARD
 from fxmesh.pieces import compile_in_pieces
-from tests.helpers import DEVICE, FP32_RTOL, assert_rel_close, dtensor_params, local
+from tests.helpers import DEVICE, FP32_RTOL, assert_rel_close, dtensor_params, grads_in_buffers, local
 
 pieces_module = importlib.import_module("fxmesh.pieces")
 
@@ -123,17 +123,13 @@ def _step_and_compare(params, opt, ref_opt, ref, step, steps=3, per_buffer=0) ->
     """
     for k in range(steps):
         gen = torch.Generator().manual_seed(100 + k)
-        for i, (p, r) in enumerate(zip(params, ref)):
-            local = p.to_local()
-            if per_buffer and i % per_buffer == 0:
-                size = sum(q.to_local().numel() for q in params[i : i + per_buffer])
-                flat, offset = torch.randn(size, generator=gen).to(DEVICE), 0
-            if per_buffer:
-                g = flat[offset : offset + local.numel()].view(local.shape)
-                offset += local.numel()
-            else:
-                g = torch.randn(local.shape, generator=gen).to(DEVICE)
-            p.grad = DTensor.from_local(g if per_buffer else g.clone(), p.device_mesh, p.placements, run_check=False)
+        if per_buffer:
+            grads = grads_in_buffers(params, gen, per_buffer)
+        else:
+            grads = [torch.randn(p.to_local().shape, generator=gen).to(DEVICE) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = DTensor.from_local(g.clone(), p.device_mesh, p.placements, run_check=False)
+        for r, g in zip(ref, grads):
             r.grad = g.clone()
         step()
         ref_opt.step()

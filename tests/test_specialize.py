@@ -9,7 +9,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import fxmesh
 from fxmesh.backend import FxmeshBackend
-from tests.helpers import FP32_RTOL, assert_rel_close
+from tests.helpers import FP32_RTOL, assert_rel_close, grads_in_buffers
 
 
 def _params(dp, rows: int, n: int = 3) -> list[torch.nn.Parameter]:
@@ -115,19 +115,6 @@ def test_a_second_optimizer_of_other_shapes_is_static(dp, views, caplog):
     assert counters["fxmesh"]["lowered_nodes"] == 2
 
 
-def _views_of_one_buffer(params: list[torch.nn.Parameter], g: torch.Generator) -> list[torch.Tensor]:
-    """Fresh gradients for ``params``: each local tensor a view of one new buffer, as FSDP2's reduce-scatter
-    leaves them.  Returns the local gradients (for the reference)."""
-    locals_ = [torch.randn(p.to_local().shape, generator=g) for p in params]
-    buffer = torch.cat([t.flatten() for t in locals_])
-    offset = 0
-    for p, t in zip(params, locals_):
-        view = buffer[offset : offset + t.numel()].view(t.shape)
-        offset += t.numel()
-        p.grad = DTensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-    return locals_
-
-
 def _shape_env_symbols() -> int:
     shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
     values = getattr(shape_env, "backed_var_to_val", None)  # var_to_val is deprecated
@@ -161,27 +148,23 @@ def test_view_gradients_are_traced_with_static_sizes(dp, ep, backend):
         for mesh, placements in ((dp, [Shard(0)]), (ep, [Shard(0), Shard(1)]))
         for rows in (2, 3, 2)
     ]
-    ref = [torch.nn.Parameter(p.to_local().clone()) for p in params]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
-    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
     symbols: list[int] = []
 
     def recording(gm, example_inputs):
         symbols.append(_shape_env_symbols())
         return gm.forward
 
-    chosen = _CountingSymbols(symbols) if backend == "fxmesh" else recording
-    if backend == "recording":  # upstream's fused step takes no DTensors on several meshes: one mesh, foreach
-        params, ref = params[:3], ref[:3]
-        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
-        ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=True)
+    if backend == "fxmesh":
+        chosen, kind = _CountingSymbols(symbols), {"fused": True}
+    else:  # upstream's fused step takes no DTensors on several meshes: one mesh, foreach
+        chosen, kind, params = recording, {"foreach": True}, params[:3]
+    ref = [torch.nn.Parameter(p.to_local().clone()) for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **kind)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, **kind)
     step = torch.compile(opt.step, backend=chosen)
     for _ in range(3):
-        for mesh in {p.device_mesh for p in params}:
-            on_mesh = [i for i, p in enumerate(params) if p.device_mesh is mesh]
-            grads = _views_of_one_buffer([params[i] for i in on_mesh], g)
-            for i, grad in zip(on_mesh, grads):
-                ref[i].grad = grad.clone()
+        for r, grad in zip(ref, grads_in_buffers(params, g, per_buffer=3)):  # a buffer per mesh
+            r.grad = grad.clone()
         assert params[1].grad.to_local()._base is not None
         step()
         ref_opt.step()
