@@ -48,7 +48,7 @@ does not hold a like one (FSDP2's gradients are views of its reduce-scatter
 buffer; ``DTensor.from_local`` returns a view), it gives the gradient symbolic
 sizes even under ``dynamic=False``: all-dynamic ones on torch 2.13-2.14
 (``meta_utils``), the view's base size on 2.11.  On 2.13 those symbols cost
-about 55 ms of tracing per gradient and a Python shape guard on every call
+about 50 ms of tracing per gradient and a Python shape guard on every call
 (``bench/RESULTS.md``, CPU run V), and :mod:`fxmesh.specialize` then had to
 make them static again.  So, where a tensor's gradient holds a view, Dynamo's
 ``wrap_to_fake_tensor_and_record`` is called for the gradient first, under the
