@@ -159,15 +159,39 @@ def grad_prologue(
     ``param * weight_decay`` (L2; a tensor ``weight_decay`` must be in ``opmath``, and where it is
     0 the grad stays as it is, as the kernels skip the term).  Returns (param, grad, outputs)."""
     p = upcast(param, opmath)
-    g = upcast(grad, opmath)
+    laid_out = laid_out_like(grad, param)
+    g = upcast(laid_out, opmath)
     outputs = []
     if grad_scale is not None:
-        g = g / grad_scale.to(opmath)
-        outputs.append((grad, g))
+        scale = grad_scale.to(opmath)
+        g = g / scale
+        # Written back in the gradient's own placements: each rank's part of a Partial one, unscaled.
+        outputs.append((grad, g if laid_out is grad else upcast(grad, opmath) / scale))
     if maximize:
         g = -g
     g = with_weight_decay(g, lambda: g + p * weight_decay, weight_decay)
     return p, g, outputs
+
+
+def laid_out_like(grad: Proxy, param: Proxy) -> Proxy:
+    """``grad`` redistributed to ``param``'s placements where they differ (a gradient still ``Partial``
+    over ``tp``, or sharded on another dimension), else ``grad`` itself.
+
+    Eager's fused op redistributes such a gradient once, before its kernel.  The
+    lowered math would redistribute it in every op that reads it with a
+    parameter or a state (each AdamW gradient four times: four all-reduces
+    where one does).  The gradient itself keeps its placements, as eagerly.
+    """
+    g, p = example_value(grad.node), example_value(param.node)
+    if not isinstance(g, DTensor) or not isinstance(p, DTensor) or g.placements == p.placements:
+        return grad
+    laid_out = grad.tracer.create_proxy("call_function", _redistributed_like, (grad, param), {})
+    propagate_example_value(laid_out.node, g._local_tensor.fake_mode)  # what the math after it reads
+    return laid_out
+
+
+def _redistributed_like(grad: DTensor, param: DTensor) -> DTensor:
+    return grad.redistribute(param.device_mesh, param.placements)
 
 
 def with_weight_decay(x: Proxy, decayed: Callable[[], Proxy], weight_decay: Hyper) -> Proxy:
