@@ -21,6 +21,10 @@ a parameter from its own entries) and its DTensors share one layout; a DTensor
 collective or redistribution, a reduction, a view, a random op or a DTensor
 output keeps the graph on the DTensor path (collectives on plain local tensors,
 as ``fxmesh.clip`` issues them, do not touch a DTensor and are left alone).
+One redistribution is taken: the lowering's reduction of a ``Partial``
+gradient to its parameter's ``Replicate`` placements
+(:func:`fxmesh.lowering.laid_out_like`), where it is the only op that reads
+the gradient, becomes DTensor's own functional all-reduce on the local tensor.
 Nothing here guesses whether an op is local.  The backend also keeps graphs
 that record autograd on DTensors: the gradient of ``to_local`` needs the
 DTensor.
@@ -41,7 +45,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_leaves
 
 from fxmesh.fused_ops import bind, fused_op
-from fxmesh.meshes import example_value, replicate
+from fxmesh.meshes import example_value, redistributed_like, replicate
 
 __all__ = ["SHARD", "LocalGraph", "LocalShards", "hide_shard_mutations", "localize"]
 
@@ -234,13 +238,43 @@ def _local_math_refusal(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _local_reduction(node: torch.fx.Node) -> tuple[tuple[str, str], ...] | None:
+    """For a ``redistributed_like`` node that only reduces ``Partial`` mesh dims to ``Replicate``: the
+    (reduce op, process group name) of each such dim, in mesh-dim order; None for any other node."""
+    if node.target is not redistributed_like:
+        return None
+    src, dst = example_value(node.args[0]), example_value(node)
+    if not isinstance(src, DTensor) or not isinstance(dst, DTensor) or src.device_mesh != dst.device_mesh:
+        return None
+    reductions = []
+    for dim, (a, b) in enumerate(zip(src.placements, dst.placements)):
+        if a == b:
+            continue
+        if not (isinstance(a, Partial) and isinstance(b, Replicate)):
+            return None
+        reductions.append((a.reduce_op, src.device_mesh.get_group(dim).group_name))
+    return tuple(reductions)
+
+
+def _all_reduced(local: torch.Tensor, reductions: tuple[tuple[str, str], ...]) -> torch.Tensor:
+    """What ``redistributed_like`` does to a local shard when it only reduces Partial dims
+    (see :func:`_local_reduction`): DTensor's own functional all-reduce, one per dim."""
+    for reduce_op, group_name in reductions:
+        local = torch.ops._c10d_functional.wait_tensor(
+            torch.ops._c10d_functional.all_reduce(local, reduce_op, group_name)
+        )
+    return local
+
+
 def _refusal(gm: torch.fx.GraphModule) -> str | None:
     """Why ``gm`` cannot run on local shards, or None if it can."""
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             value = example_value(node)
             if isinstance(value, DTensor) and any(isinstance(p, Partial) for p in value.placements):
-                return f"input {node.name} is a Partial DTensor"
+                # A Partial gradient the lowering reduces before any math reads it is fine.
+                if not node.users or any(_local_reduction(user) is None for user in node.users):
+                    return f"input {node.name} is a Partial DTensor"
             continue
         if node.op == "output":
             if any(isinstance(example_value(a), DTensor) for a in node.all_input_nodes):
@@ -254,7 +288,7 @@ def _refusal(gm: torch.fx.GraphModule) -> str | None:
             if any(user.target is not replicate for user in node.users):
                 return f"{node.format_node()} is used outside fxmesh's scalar glue"
             continue
-        if _is_glue(node):
+        if _is_glue(node) or _local_reduction(node) is not None:
             continue
         if node.target is operator.getitem and isinstance(example_value(node.args[0]), (list, tuple)):
             continue
@@ -402,6 +436,8 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
         if _is_glue(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+        elif (reductions := _local_reduction(node)) is not None:
+            node.target, node.args = _all_reduced, (node.args[0], reductions)
     for node in list(graph.nodes):
         if node.target is getattr and not node.users:
             graph.erase_node(node)

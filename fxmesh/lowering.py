@@ -23,7 +23,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from fxmesh.errors import EagerFallback, UnsupportedInputError
 from fxmesh.fused_ops import FusedOp, bind, fused_op
-from fxmesh.meshes import example_value, graph_fake_mode, local_tensor, propagate_example_value
+from fxmesh.meshes import example_value, graph_fake_mode, local_tensor, propagate_example_value, redistributed_like
 
 __all__ = [
     "OPMATH",
@@ -185,13 +185,9 @@ def laid_out_like(grad: Proxy, param: Proxy) -> Proxy:
     g, p = example_value(grad.node), example_value(param.node)
     if not isinstance(g, DTensor) or not isinstance(p, DTensor) or g.placements == p.placements:
         return grad
-    laid_out = grad.tracer.create_proxy("call_function", _redistributed_like, (grad, param), {})
+    laid_out = grad.tracer.create_proxy("call_function", redistributed_like, (grad, param), {})
     propagate_example_value(laid_out.node, g._local_tensor.fake_mode)  # what the math after it reads
     return laid_out
-
-
-def _redistributed_like(grad: DTensor, param: DTensor) -> DTensor:
-    return grad.redistribute(param.device_mesh, param.placements)
 
 
 def with_weight_decay(x: Proxy, decayed: Callable[[], Proxy], weight_decay: Hyper) -> Proxy:

@@ -30,6 +30,7 @@ __all__ = [
     "local_tensor",
     "mesh_key",
     "node_mesh_key",
+    "redistributed_like",
     "replicate",
 ]
 
@@ -88,6 +89,11 @@ def replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
     spells ``DTensor.from_local`` differently across torch versions.
     """
     return DTensor.from_local(local, mesh, (Replicate(),) * mesh.ndim, run_check=False)
+
+
+def redistributed_like(t: DTensor, like: DTensor) -> DTensor:
+    """``t`` redistributed to ``like``'s mesh and placements (a module-level function, for FX graphs)."""
+    return t.redistribute(like.device_mesh, like.placements)
 
 
 def distinct_meshes(tensors: Iterable[Any]) -> list[DeviceMesh]:
