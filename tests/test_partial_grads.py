@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import fxmesh
 from fxmesh import world
-from tests.helpers import DEVICE, FP32_RTOL, inductor_output_code, without_comments
+from tests.helpers import DEVICE, FP32_RTOL, inductor_output_code, shard, without_comments
 
 WORLD_SIZE = 2
 ALL_REDUCE = re.compile(r"\ball_reduce_?\.default\(")
@@ -48,17 +48,14 @@ def _grad(full: torch.Tensor, mesh, placements, rank: int, gen: torch.Generator)
         parts = [torch.randn(full.shape, generator=gen) for _ in range(WORLD_SIZE - 1)]
         parts.append(full - sum(parts))
         return DTensor.from_local(parts[rank].clone(), mesh, placements, shape=full.shape, stride=full.stride())
-    return distribute_tensor(full.clone(), mesh, placements, src_data_rank=None)
+    return shard(full.clone(), mesh, placements)
 
 
 def _train(rank: int, layout: list, fulls: list, clip: bool) -> dict:
     """Compiled (clip +) step against eager and the full tensors' over ``STEPS`` steps: the largest errors."""
 
     def params() -> list:
-        return [
-            torch.nn.Parameter(distribute_tensor(f.clone(), m, pl, src_data_rank=None))
-            for f, (m, _, pl, _) in zip(fulls, layout)
-        ]
+        return [torch.nn.Parameter(shard(f.clone(), m, pl)) for f, (m, _, pl, _) in zip(fulls, layout)]
 
     def adamw(ps) -> torch.optim.Optimizer:
         return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)
@@ -153,23 +150,17 @@ def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
     redistributes it; not in every op that reads it beside a parameter or state (AdamW: four times).
     A fake process group: this counts the collectives in Inductor's code, the gloo test checks values."""
     dp, ep = meshes["dp"], meshes["ep"]
-    partial = [
-        torch.nn.Parameter(distribute_tensor(torch.randn(8, 4, device=DEVICE), dp, [Replicate()], src_data_rank=None))
+    layout = [  # (mesh, shape, parameter placements, gradient placements)
+        (dp, (8, 4), [Replicate()], [Partial()]),
+        (ep, (6,), [Replicate(), Replicate()], [Partial(), Partial()]),
+        (ep, (8, 4), [Replicate(), Shard(0)], [Replicate(), Shard(0)]),
     ]
-    partial.append(
-        torch.nn.Parameter(
-            distribute_tensor(torch.randn(6, device=DEVICE), ep, [Replicate(), Replicate()], src_data_rank=None)
-        )
-    )
-    sharded = [
-        torch.nn.Parameter(
-            distribute_tensor(torch.randn(8, 4, device=DEVICE), ep, [Replicate(), Shard(0)], src_data_rank=None)
-        )
-    ]
-    for i, p in enumerate(partial + sharded):
-        grad_placements = [Partial()] * p.device_mesh.ndim if i < len(partial) else p.placements
-        p.grad = DTensor.from_local(torch.randn(p.to_local().shape).to(DEVICE), p.device_mesh, grad_placements)
-    opt = OPTIMIZERS[name](partial + sharded)
+    params = []
+    for mesh, shape, placements, grad_placements in layout:
+        p = torch.nn.Parameter(shard(torch.randn(shape, device=DEVICE), mesh, placements))
+        p.grad = DTensor.from_local(torch.randn(p.to_local().shape, device=DEVICE), mesh, grad_placements)
+        params.append(p)
+    opt = OPTIMIZERS[name](params)
     if grad_scaler:  # the unscaled gradients are written back in their own placements
         opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=DEVICE), torch.tensor(0.0, device=DEVICE)
     with inductor_output_code() as codes:
