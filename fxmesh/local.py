@@ -21,10 +21,12 @@ a parameter from its own entries) and its DTensors share one layout; a DTensor
 collective or redistribution, a reduction, a view, a random op or a DTensor
 output keeps the graph on the DTensor path (collectives on plain local tensors,
 as ``fxmesh.clip`` issues them, do not touch a DTensor and are left alone).
-One redistribution is taken: the lowering's reduction of a ``Partial``
-gradient to its parameter's ``Replicate`` placements
-(:func:`fxmesh.lowering.laid_out_like`), where it is the only op that reads
-the gradient, becomes DTensor's own functional all-reduce on the local tensor.
+One redistribution is taken: a reduction of a ``Partial`` gradient to
+``Replicate`` (the lowering's, :func:`fxmesh.lowering.laid_out_like_each`, and
+fxmesh.clip's, for the norm) becomes DTensor's own functional all-reduce on
+the local tensor, and a run of such reductions one all-reduce of one buffer.
+A ``Partial`` input is taken where only such reductions and ``to_local`` read
+it (clipping scales each rank's part in place).
 Nothing here guesses whether an op is local.  The backend also keeps graphs
 that record autograd on DTensors: the gradient of ``to_local`` needs the
 DTensor.
@@ -40,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_leaves
@@ -238,13 +241,26 @@ def _local_math_refusal(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _is_redistribution(node: torch.fx.Node) -> bool:
+    """fxmesh's ``redistributed_like`` or ``DTensor.redistribute``: a method call, or (torch 2.11) a
+    function Dynamo names ``prim_redistribute``."""
+    if node.op == "call_method":
+        return node.target == "redistribute"
+    return node.op == "call_function" and (
+        node.target is redistributed_like or getattr(node.target, "__name__", "") == "prim_redistribute"
+    )
+
+
 def _local_reduction(node: torch.fx.Node) -> tuple[tuple[str, str], ...] | None:
-    """For a ``redistributed_like`` node that only reduces ``Partial`` mesh dims to ``Replicate``: the
-    (reduce op, process group name) of each such dim, in mesh-dim order; None for any other node."""
-    if node.target is not redistributed_like:
+    """For a redistribution that only reduces ``Partial`` mesh dims to ``Replicate``, in the input's
+    dtype: the (reduce op, process group name) of each such dim, in mesh-dim order; None for any
+    other node."""
+    if not _is_redistribution(node):
         return None
     src, dst = example_value(node.args[0]), example_value(node)
     if not isinstance(src, DTensor) or not isinstance(dst, DTensor) or src.device_mesh != dst.device_mesh:
+        return None
+    if src.dtype != dst.dtype:  # redistribute(forward_dtype=...) reduces in another dtype
         return None
     reductions = []
     for dim, (a, b) in enumerate(zip(src.placements, dst.placements)):
@@ -266,14 +282,64 @@ def _all_reduced(local: torch.Tensor, reductions: tuple[tuple[str, str], ...]) -
     return local
 
 
+def _all_reduced_together(locals_: list[torch.Tensor], reductions: tuple[tuple[str, str], ...]) -> list[torch.Tensor]:
+    """:func:`_all_reduced` of each tensor (one dtype), as one all-reduce per dim of one flat buffer."""
+    flat = _all_reduced(torch.cat([t.reshape(-1) for t in locals_]), reductions)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in locals_]), locals_)]
+
+
+def _bucket_reductions(graph: torch.fx.Graph) -> int:
+    """Replace each run of adjacent :func:`_all_reduced` nodes over the same groups, of one dtype and
+    device, with one :func:`_all_reduced_together`; returns the number of runs replaced.
+
+    Such runs are what the lowering (:func:`fxmesh.lowering.laid_out_like_each`)
+    and fxmesh.clip trace for Partial gradients.  A Partial gradient is often a
+    small one (a norm's weight, a bias), and an all-reduce of a few hundred
+    bytes costs its latency, not its bytes; eager issues one per gradient.
+    Nothing runs between the nodes of a run, so every input is ready where the
+    run starts and the order of collectives is the same on every rank.
+    """
+
+    def key(node: torch.fx.Node) -> tuple[Any, ...] | None:
+        if node.target is not _all_reduced:
+            return None
+        value = example_value(node.args[0])
+        return node.args[1], value.dtype, value.device
+
+    runs: list[list[torch.fx.Node]] = []
+    for node in graph.nodes:
+        k = key(node)
+        if k is None:
+            continue
+        if runs and node.prev is runs[-1][-1] and key(runs[-1][-1]) == k and node.args[0] not in runs[-1]:
+            runs[-1].append(node)
+        else:
+            runs.append([node])
+    runs = [run for run in runs if len(run) > 1]
+    for run in runs:
+        with graph.inserting_before(run[0]):
+            bucket = graph.call_function(_all_reduced_together, ([n.args[0] for n in run], run[0].args[1]))
+            bucket.meta = {**run[0].meta, "example_value": [example_value(n) for n in run]}
+            for i, node in enumerate(run):
+                part = graph.call_function(operator.getitem, (bucket, i))
+                part.meta = dict(node.meta)
+                node.replace_all_uses_with(part)
+        for node in run:
+            graph.erase_node(node)
+    return len(runs)
+
+
 def _refusal(gm: torch.fx.GraphModule) -> str | None:
     """Why ``gm`` cannot run on local shards, or None if it can."""
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             value = example_value(node)
             if isinstance(value, DTensor) and any(isinstance(p, Partial) for p in value.placements):
-                # A Partial gradient the lowering reduces before any math reads it is fine.
-                if not node.users or any(_local_reduction(user) is None for user in node.users):
+                # Fine where nothing computes with the DTensor: it is reduced (as the lowering and
+                # fxmesh.clip reduce a Partial gradient) or taken apart (clipping scales each rank's part).
+                if not node.users or any(
+                    _local_reduction(user) is None and not _is_to_local(user) for user in node.users
+                ):
                     return f"input {node.name} is a Partial DTensor"
             continue
         if node.op == "output":
@@ -437,10 +503,12 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif (reductions := _local_reduction(node)) is not None:
-            node.target, node.args = _all_reduced, (node.args[0], reductions)
+            node.op, node.target = "call_function", _all_reduced
+            node.args, node.kwargs = (node.args[0], reductions), {}
     for node in list(graph.nodes):
         if node.target is getattr and not node.users:
             graph.erase_node(node)
+    counters["fxmesh"]["reduction_buckets"] += _bucket_reductions(graph)
     for node in graph.nodes:
         for key in ("example_value", "val"):
             if key in node.meta:

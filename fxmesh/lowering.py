@@ -34,6 +34,7 @@ __all__ = [
     "check_entry",
     "divided",
     "grad_prologue",
+    "laid_out_like_each",
     "local",
     "lower_fused_calls",
     "materialized",
@@ -109,9 +110,18 @@ def one_minus(x: Hyper, dtype: torch.dtype) -> Hyper:
     return (1 - x).to(dtype) if isinstance(x, Proxy) else round_to(1 - x, dtype)
 
 
+def _is_dtensor(t: Proxy) -> bool:
+    return isinstance(example_value(t.node), DTensor)
+
+
 def local(t: Proxy) -> Proxy:
-    """The local tensor of a DTensor-valued proxy (plain ones as they are)."""
-    return t.to_local() if isinstance(example_value(t.node), DTensor) else t
+    """The local tensor of a DTensor-valued proxy (plain ones as they are), with its example value."""
+    value = example_value(t.node)
+    if not isinstance(value, DTensor):
+        return t
+    out = t.to_local()
+    propagate_example_value(out.node, value._local_tensor.fake_mode)  # for the math traced after it
+    return out
 
 
 def materialized(t: Proxy, stride: list[int]) -> Proxy:
@@ -149,6 +159,7 @@ def grad_prologue(
     param: Proxy,
     grad: Proxy,
     *,
+    laid_out: Proxy,
     opmath: torch.dtype,
     grad_scale: Proxy | None,
     maximize: bool,
@@ -157,36 +168,47 @@ def grad_prologue(
     """The fused kernels' common start: param and grad in ``opmath``, the grad unscaled by
     ``grad_scale`` (and written back: returned as an output), negated for ``maximize``, plus
     ``param * weight_decay`` (L2; a tensor ``weight_decay`` must be in ``opmath``, and where it is
-    0 the grad stays as it is, as the kernels skip the term).  Returns (param, grad, outputs)."""
+    0 the grad stays as it is, as the kernels skip the term).  ``laid_out`` is ``grad`` laid out
+    like ``param`` (:func:`laid_out_like_each`).  Returns (param, grad, outputs)."""
     p = upcast(param, opmath)
-    laid_out = laid_out_like(grad, param)
     g = upcast(laid_out, opmath)
     outputs = []
     if grad_scale is not None:
         scale = grad_scale.to(opmath)
         g = g / scale
-        # Written back in the gradient's own placements: each rank's part of a Partial one, unscaled.
-        outputs.append((grad, g if laid_out is grad else upcast(grad, opmath) / scale))
+        if laid_out is grad:
+            outputs.append((grad, g))
+        else:
+            # Written back in the gradient's own placements: each rank's own part (of a Partial
+            # one, say), unscaled on the local tensors; as DTensor math the write-back would
+            # reduce the part again.
+            part = local(grad)
+            outputs.append((part, upcast(part, opmath) / local(grad_scale).to(opmath)))
     if maximize:
         g = -g
     g = with_weight_decay(g, lambda: g + p * weight_decay, weight_decay)
     return p, g, outputs
 
 
-def laid_out_like(grad: Proxy, param: Proxy) -> Proxy:
-    """``grad`` redistributed to ``param``'s placements where they differ (a gradient still ``Partial``
-    over ``tp``, or sharded on another dimension), else ``grad`` itself.
+def laid_out_like_each(grads: list[Proxy], params: list[Proxy]) -> list[Proxy]:
+    """Each gradient redistributed to its parameter's placements where they differ (a gradient still
+    ``Partial`` over ``tp``, or sharded on another dimension), else the gradient itself.
 
     Eager's fused op redistributes such a gradient once, before its kernel.  The
     lowered math would redistribute it in every op that reads it with a
     parameter or a state (each AdamW gradient four times: four all-reduces
-    where one does).  The gradient itself keeps its placements, as eagerly.
+    where one does).  The gradients themselves keep their placements, as
+    eagerly.  The redistributions are traced next to each other, before the
+    math: :func:`fxmesh.local.localize` all-reduces such a run of them as one
+    buffer.
     """
-    g, p = example_value(grad.node), example_value(param.node)
-    if not isinstance(g, DTensor) or not isinstance(p, DTensor) or g.placements == p.placements:
-        return grad
-    laid_out = grad.tracer.create_proxy("call_function", redistributed_like, (grad, param), {})
-    propagate_example_value(laid_out.node, g._local_tensor.fake_mode)  # what the math after it reads
+    laid_out = []
+    for grad, param in zip(grads, params):
+        g, p = example_value(grad.node), example_value(param.node)
+        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+            grad = grad.tracer.create_proxy("call_function", redistributed_like, (grad, param), {})
+            propagate_example_value(grad.node, g._local_tensor.fake_mode)  # what the math after it reads
+        laid_out.append(grad)
     return laid_out
 
 
@@ -203,8 +225,11 @@ def with_weight_decay(x: Proxy, decayed: Callable[[], Proxy], weight_decay: Hype
 def write_back(outputs: list[tuple[Proxy, Proxy]], found_inf: Proxy | None) -> None:
     """``dst.copy_(new)`` for each pair, after all the math; with ``found_inf == 1`` every ``dst`` keeps its value."""
     if found_inf is not None:
-        skip = found_inf == 1.0
-        outputs = [(dst, torch.where(skip, dst, new)) for dst, new in outputs]
+        skip = local_skip = found_inf == 1.0
+        if _is_dtensor(found_inf) and not all(_is_dtensor(dst) for dst, _ in outputs):
+            # A gradient's part written back on its local tensor (see grad_prologue) takes a local flag.
+            local_skip = local(found_inf) == 1.0
+        outputs = [(dst, torch.where(skip if _is_dtensor(dst) else local_skip, dst, new)) for dst, new in outputs]
     for dst, new in outputs:
         dst.copy_(new)
 

@@ -38,6 +38,7 @@ from fxmesh.lowering import (
     Hyper,
     divided,
     grad_prologue,
+    laid_out_like_each,
     local,
     lower_fused_calls,
     materialized,
@@ -61,6 +62,7 @@ def _adagrad_update(
     state_sum: Proxy,
     clr: Proxy,
     *,
+    laid_out: Proxy,
     weight_decay: Hyper,
     eps: Hyper,
     maximize: bool,
@@ -79,7 +81,13 @@ def _adagrad_update(
         return x.to(opmath) if isinstance(x, Proxy) else x
 
     p, g, outputs = grad_prologue(
-        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=as_held(weight_decay)
+        param,
+        grad,
+        laid_out=laid_out,
+        opmath=opmath,
+        grad_scale=grad_scale,
+        maximize=maximize,
+        weight_decay=as_held(weight_decay),
     )
     s = upcast(state_sum, opmath) + g * g
     p = p - clr.to(held).to(opmath) * g / (s.sqrt() + as_held(eps))
@@ -96,6 +104,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
         clr = divided(lr64, 1.0 + (steps64 - 1.0) * proxy(args["lr_decay"]))
         if len(rows) > 1:  # Inductor leaves a 1-element value alone
             clr = materialized(clr, [1])
+        laid_out = laid_out_like_each([proxy(grads[i]) for i in rows], [proxy(params[i]) for i in rows])
         for row, i in enumerate(rows):
             dtype = example_value(params[i]).dtype
             _adagrad_update(
@@ -103,6 +112,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
                 proxy(grads[i]),
                 proxy(state_sums[i]),
                 clr[row],
+                laid_out=laid_out[row],
                 weight_decay=proxy(args["weight_decay"]),
                 eps=proxy(args["eps"]),
                 maximize=args["maximize"],

@@ -60,6 +60,7 @@ from fxmesh.lowering import (
     Hyper,
     divided,
     grad_prologue,
+    laid_out_like_each,
     local,
     lower_fused_calls,
     materialized,
@@ -100,6 +101,7 @@ def _adam_update(
     max_exp_avg_sq: Proxy | None,
     scalars: Proxy,
     *,
+    laid_out: Proxy,
     opmath: torch.dtype,
     lr: Hyper,
     beta1: Hyper,
@@ -128,7 +130,7 @@ def _adam_update(
     # Adam adds the decay to the grad (L2); AdamW decays the param.
     l2_decay = 0.0 if decoupled_weight_decay else scalar(weight_decay, opmath)
     p, g, grad_outputs = grad_prologue(
-        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=l2_decay
+        param, grad, laid_out=laid_out, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=l2_decay
     )
     if decoupled_weight_decay and gpu_kernel:  # param -= lr * weight_decay * param, in opmath
         if isinstance(lr, Proxy) or isinstance(weight_decay, Proxy):
@@ -172,6 +174,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     lr = hyper["lr"]
     for rows in table_groups(params):
         table = _scalar_table([proxy(steps[i]) for i in rows], lr, hyper["beta1"], hyper["beta2"], table_dtype)
+        laid_out = laid_out_like_each([proxy(grads[i]) for i in rows], [proxy(params[i]) for i in rows])
         for row, i in enumerate(rows):
             _adam_update(
                 proxy(params[i]),
@@ -180,6 +183,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
                 proxy(exp_avg_sqs[i]),
                 proxy(max_exp_avg_sqs[i]) if args["amsgrad"] else None,
                 table[row],
+                laid_out=laid_out[row],
                 opmath=OPMATH[example_value(params[i]).dtype],
                 lr=lr,
                 beta1=hyper["beta1"],

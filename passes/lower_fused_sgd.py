@@ -35,7 +35,18 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
 from fxmesh.fused_ops import FusedOp
-from fxmesh.lowering import OPMATH, Hyper, grad_prologue, lower_fused_calls, one_minus, rounded, upcast, write_back
+from fxmesh.lowering import (
+    OPMATH,
+    Hyper,
+    grad_prologue,
+    laid_out_like_each,
+    lower_fused_calls,
+    one_minus,
+    rounded,
+    table_groups,
+    upcast,
+    write_back,
+)
 from fxmesh.meshes import example_value
 
 __all__ = ["lower_fused_sgd"]
@@ -50,6 +61,7 @@ def _sgd_update(
     grad: Proxy,
     momentum_buffer: Proxy | None,
     *,
+    laid_out: Proxy,
     lr: Hyper,
     weight_decay: Hyper,
     momentum: Hyper,
@@ -63,7 +75,13 @@ def _sgd_update(
 ) -> None:
     """One parameter's fused SGD update, traced onto the graph (tensor hyperparameters in ``opmath``, but lr)."""
     p, g, outputs = grad_prologue(
-        param, grad, opmath=opmath, grad_scale=grad_scale, maximize=maximize, weight_decay=weight_decay
+        param,
+        grad,
+        laid_out=laid_out,
+        opmath=opmath,
+        grad_scale=grad_scale,
+        maximize=maximize,
+        weight_decay=weight_decay,
     )
     if momentum_buffer is not None:
         buf = g if is_first_step else upcast(momentum_buffer, opmath) * momentum + g * one_minus_dampening
@@ -87,19 +105,22 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     )
     # torch.optim passes no buffers when momentum is 0; for a symbolic momentum, Dynamo traced that branch.
     has_momentum = bool(buffers) if isinstance(args["momentum"], torch.fx.Node) else args["momentum"] != 0
-    for i in range(len(params)):
-        _sgd_update(
-            proxy(params[i]),
-            proxy(grads[i]),
-            proxy(buffers[i]) if has_momentum else None,
-            nesterov=args["nesterov"],
-            maximize=args["maximize"],
-            is_first_step=args["is_first_step"],
-            grad_scale=proxy(args.get("grad_scale")),
-            found_inf=proxy(args.get("found_inf")),
-            opmath=OPMATH[example_value(params[i]).dtype],
-            **hyper,
-        )
+    for rows in table_groups(params):  # no table: the groups bound the runs of gradient redistributions
+        laid_out = laid_out_like_each([proxy(grads[i]) for i in rows], [proxy(params[i]) for i in rows])
+        for row, i in enumerate(rows):
+            _sgd_update(
+                proxy(params[i]),
+                proxy(grads[i]),
+                proxy(buffers[i]) if has_momentum else None,
+                laid_out=laid_out[row],
+                nesterov=args["nesterov"],
+                maximize=args["maximize"],
+                is_first_step=args["is_first_step"],
+                grad_scale=proxy(args.get("grad_scale")),
+                found_inf=proxy(args.get("found_inf")),
+                opmath=OPMATH[example_value(params[i]).dtype],
+                **hyper,
+            )
 
 
 def lower_fused_sgd(gm: torch.fx.GraphModule) -> PassResult:

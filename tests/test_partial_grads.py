@@ -37,7 +37,8 @@ def _layout(dp, tp) -> list:
         (dp, (16, 8), [Shard(0)], [Shard(0)]),
         (dp, (7,), [Replicate()], [Partial()]),
         (tp, (12, 6), [Replicate(), Shard(0)], [Replicate(), Shard(0)]),
-        (tp, (6,), [Replicate(), Replicate()], [Replicate(), Partial()]),  # a norm weight under TP
+        (tp, (6,), [Replicate(), Replicate()], [Replicate(), Partial()]),  # norm weights under TP
+        (tp, (6,), [Replicate(), Replicate()], [Replicate(), Partial()]),
         (tp, (5, 4), [Replicate(), Shard(1)], [Replicate(), Shard(1)]),
     ]
 
@@ -51,8 +52,15 @@ def _grad(full: torch.Tensor, mesh, placements, rank: int, gen: torch.Generator)
     return shard(full.clone(), mesh, placements)
 
 
-def _train(rank: int, layout: list, fulls: list, clip: bool) -> dict:
-    """Compiled (clip +) step against eager and the full tensors' over ``STEPS`` steps: the largest errors."""
+def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool = False) -> dict:
+    """Compiled (clip +) step against eager and the full tensors' over ``STEPS`` steps: the largest errors.
+
+    With ``grad_scaler`` the gradients come scaled by 4 with GradScaler's ``grad_scale`` and
+    ``found_inf`` on the optimizers (``found_inf`` 1 in the third step, which every tensor must
+    survive unchanged), and the gradients the step unscales in place are compared with the full
+    tensors' too.  Not with eager's: eager DTensor unscales a redistributed copy of a Partial
+    gradient and leaves the gradient itself scaled.
+    """
 
     def params() -> list:
         return [torch.nn.Parameter(shard(f.clone(), m, pl)) for f, (m, _, pl, _) in zip(fulls, layout)]
@@ -63,6 +71,7 @@ def _train(rank: int, layout: list, fulls: list, clip: bool) -> dict:
     compiled_params, eager_params = params(), params()
     full_params = [torch.nn.Parameter(f.clone()) for f in fulls]
     opt, eager_opt, full_opt = adamw(compiled_params), adamw(eager_params), adamw(full_params)
+    scale = 4.0 if grad_scaler else 1.0
 
     @torch.compile(backend="fxmesh")
     def clip_and_step() -> torch.Tensor | None:
@@ -72,9 +81,12 @@ def _train(rank: int, layout: list, fulls: list, clip: bool) -> dict:
 
     torch._dynamo.reset()
     counters.clear()
-    out = {"norm_err": 0.0, "full_norm_err": 0.0, "eager_err": 0.0, "full_err": 0.0}
+    out = {"norm_err": 0.0, "full_norm_err": 0.0, "eager_err": 0.0, "full_err": 0.0, "grad_err": 0.0}
     for s in range(STEPS):
-        grads = [torch.randn(f.shape, generator=torch.Generator().manual_seed(100 + s)) for f in fulls]
+        grads = [scale * torch.randn(f.shape, generator=torch.Generator().manual_seed(100 + s)) for f in fulls]
+        if grad_scaler:
+            for o in (opt, eager_opt, full_opt):
+                o.grad_scale, o.found_inf = torch.tensor(scale), torch.tensor(1.0 if s == 2 else 0.0)
         for ps in (compiled_params, eager_params):
             gen = torch.Generator().manual_seed(200 + s)  # the same parts on both
             for p, grad, (m, _, _, grad_pl) in zip(ps, grads, layout):
@@ -93,7 +105,10 @@ def _train(rank: int, layout: list, fulls: list, clip: bool) -> dict:
             got = p.full_tensor()
             for key, want in (("eager_err", eager.full_tensor()), ("full_err", full.detach())):
                 out[key] = max(out[key], ((got - want).abs().max() / want.abs().max()).item())
-    for key in ("graphs", "eager_fallbacks", "lowered_nodes", "local_shard_graphs"):
+            if grad_scaler:  # a Partial gradient's full tensor sums the unscaled parts
+                got, want = p.grad.full_tensor(), full.grad
+                out["grad_err"] = max(out["grad_err"], ((got - want).abs().max() / want.abs().max()).item())
+    for key in ("graphs", "eager_fallbacks", "lowered_nodes", "local_shard_graphs", "reduction_buckets"):
         out[key] = counters["fxmesh"][key]
     return out
 
@@ -104,7 +119,11 @@ def _rank(rank: int, world_size: int) -> dict:
     layout = _layout(dp, tp)
     g = torch.Generator().manual_seed(0)
     fulls = [torch.randn(shape, generator=g) for _, shape, _, _ in layout]
-    return {"clip": _train(rank, layout, fulls, clip=True), "step": _train(rank, layout, fulls, clip=False)}
+    return {
+        "clip": _train(rank, layout, fulls, clip=True),
+        "step": _train(rank, layout, fulls, clip=False),
+        "grad_scaler": _train(rank, layout, fulls, clip=False, grad_scaler=True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +140,10 @@ def test_partial_gradients_clipped_and_stepped_as_eagerly(ranks):
             assert r[key] < FP32_RTOL, (rank, key, r)
         assert r["graphs"] == 1 and r["eager_fallbacks"] == 0, (rank, r)
         assert r["lowered_nodes"] == 2, (rank, r)  # one call per mesh
+        # Clipping reduces each Partial gradient for its norm and scales each rank's part: the graph
+        # still runs on the local shards.  The two norm weights' gradients are reduced together,
+        # once for the norm and once for the step.
+        assert r["local_shard_graphs"] == 1 and r["reduction_buckets"] == 2, (rank, r)
 
 
 def test_partial_gradients_stepped_on_local_shards(ranks):
@@ -132,7 +155,20 @@ def test_partial_gradients_stepped_on_local_shards(ranks):
         for key in ("eager_err", "full_err"):
             assert r[key] < FP32_RTOL, (rank, key, r)
         assert r["graphs"] == 1 and r["eager_fallbacks"] == 0 and r["lowered_nodes"] == 2, (rank, r)
-        assert r["local_shard_graphs"] == 1, (rank, r)
+        assert r["local_shard_graphs"] == 1 and r["reduction_buckets"] == 1, (rank, r)
+
+
+def test_partial_gradients_unscaled_on_local_shards(ranks):
+    """The step under GradScaler (``grad_scale``/``found_inf``, one step skipped): parameters match eager and the
+    full tensors, and each rank's part of a Partial gradient is unscaled in place, so the parts sum to the full
+    tensors' unscaled gradient (1e-5).  The write-back runs on the rank's own part, so the graph still runs on
+    the local shards."""
+    for rank, r in enumerate(ranks):
+        r = r["grad_scaler"]
+        for key in ("eager_err", "full_err", "grad_err"):
+            assert r[key] < FP32_RTOL, (rank, key, r)
+        assert r["graphs"] == 1 and r["eager_fallbacks"] == 0 and r["lowered_nodes"] == 2, (rank, r)
+        assert r["local_shard_graphs"] == 1 and r["reduction_buckets"] == 1, (rank, r)
 
 
 OPTIMIZERS = {
@@ -168,9 +204,39 @@ def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
     calls = ALL_REDUCE.findall(without_comments("\n".join(codes)))
     assert counters["fxmesh"]["lowered_nodes"] == 2, dict(counters["fxmesh"])
     reductions = 1 + 2  # dp's gradient over its one dimension, ep's over both of its
-    if grad_scaler:
-        # found_inf's where(skip, grad, unscaled) before the write-back of the unscaled gradient reduces its
-        # Partial operands too (DTensor has no Partial rule for where): left so.  Reducing in every op, as
-        # before, gave AdamW and Adagrad 18 here, SGD 15.
-        reductions *= 4 if name == "sgd" else 3
+    if grad_scaler and name == "sgd":
+        # torch.optim makes SGD's momentum buffers with empty_like(grad), so a Partial gradient gets a
+        # Partial buffer, and found_inf's where(skip, buffer, new) reduces it (DTensor has no Partial rule
+        # for where).  The unscaled gradient's write-back runs on each rank's own part and reduces nothing
+        # (as DTensor math its where reduced twice per gradient: AdamW and Adagrad 9 here, SGD 12).
+        reductions *= 2
     assert len(calls) == reductions, calls
+
+
+def test_partial_gradients_reduced_in_buckets(meshes):
+    """Clip + step over 20 norm weights whose gradients are Partial over tp, beside sharded ones: on the local
+    shards the gradients' reductions run as one all-reduce of one buffer for the norm and one per scalar table
+    (16 parameters) for the step, not one per gradient each time (41 all-reduces).  A fake process group:
+    the gloo tests check the values of buckets."""
+    dp, tp = meshes["dp"], meshes["tp"]
+    params = []
+    for _ in range(20):
+        p = torch.nn.Parameter(shard(torch.randn(6, device=DEVICE), tp, [Replicate(), Replicate()]))
+        p.grad = DTensor.from_local(torch.randn(6, device=DEVICE), tp, [Replicate(), Partial()])
+        params.append(p)
+    for _ in range(2):
+        p = torch.nn.Parameter(shard(torch.randn(16, 4, device=DEVICE), dp, [Shard(0)]))
+        p.grad = shard(torch.randn(16, 4, device=DEVICE), dp, [Shard(0)])
+        params.append(p)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+
+    def clip_and_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        opt.step()
+
+    with inductor_output_code() as codes:
+        torch.compile(clip_and_step, backend="fxmesh")()
+    calls = ALL_REDUCE.findall(without_comments("\n".join(codes)))
+    assert counters["fxmesh"]["local_shard_graphs"] == 1, dict(counters["fxmesh"])
+    assert counters["fxmesh"]["reduction_buckets"] == 3, dict(counters["fxmesh"])
+    assert len(calls) == 1 + 1 + 2, calls  # the norm's bucket, the sharded gradients' norm, the step's buckets
