@@ -4,11 +4,12 @@ Under tensor parallelism a weight replicated over ``tp`` (a norm's, a bias)
 gets a gradient that is a ``Partial`` sum over ``tp``: each rank holds its own
 part, and the optimizer step's DTensor math reduces it.  The layout mixes such
 gradients with sharded ones on two meshes.  Clip + fused AdamW compiled with
-fxmesh, and the step alone (which runs on the local shards), must match eager
+fxmesh, the step alone and the step under GradScaler (all on the local shards,
+two norm weights' reductions in one bucket) must match eager
 (``fxmesh.clip_grad_norm_``, then the optimizer on the same DTensors) and plain
 fused AdamW on the full tensors with the summed gradients, over 4 steps with
 fresh gradients.  A fake process group cannot check this: its all-reduce
-leaves each rank's part as it is.
+leaves each rank's part as it is.  It counts the collectives in Inductor's code.
 """
 
 from __future__ import annotations
