@@ -288,6 +288,11 @@ def _all_reduced_together(locals_: list[torch.Tensor], reductions: tuple[tuple[s
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in locals_]), locals_)]
 
 
+# The most bytes one bucket of reductions holds: past that the buffer's copy costs more memory than
+# the latency it saves (DDP's buckets hold 25 MiB).
+BUCKET_BYTES = 64 * 2**20
+
+
 def _bucket_reductions(graph: torch.fx.Graph) -> int:
     """Replace each run of adjacent :func:`_all_reduced` nodes over the same groups, of one dtype and
     device, with one :func:`_all_reduced_together`; returns the number of runs replaced.
@@ -297,7 +302,8 @@ def _bucket_reductions(graph: torch.fx.Graph) -> int:
     small one (a norm's weight, a bias), and an all-reduce of a few hundred
     bytes costs its latency, not its bytes; eager issues one per gradient.
     Nothing runs between the nodes of a run, so every input is ready where the
-    run starts and the order of collectives is the same on every rank.
+    run starts and the order of collectives is the same on every rank.  A run
+    holds at most :data:`BUCKET_BYTES`.
     """
 
     def key(node: torch.fx.Node) -> tuple[Any, ...] | None:
@@ -306,15 +312,30 @@ def _bucket_reductions(graph: torch.fx.Graph) -> int:
         value = example_value(node.args[0])
         return node.args[1], value.dtype, value.device
 
+    def nbytes(node: torch.fx.Node) -> int:
+        local = example_value(node.args[0])._local_tensor
+        size = local.numel() * local.element_size()
+        return size if isinstance(size, int) else BUCKET_BYTES + 1  # a symbolic size goes alone
+
     runs: list[list[torch.fx.Node]] = []
+    run_bytes = 0
     for node in graph.nodes:
         k = key(node)
         if k is None:
             continue
-        if runs and node.prev is runs[-1][-1] and key(runs[-1][-1]) == k and node.args[0] not in runs[-1]:
+        size = nbytes(node)
+        if (
+            runs
+            and node.prev is runs[-1][-1]
+            and key(runs[-1][-1]) == k
+            and node.args[0] not in runs[-1]
+            and run_bytes + size <= BUCKET_BYTES
+        ):
             runs[-1].append(node)
+            run_bytes += size
         else:
             runs.append([node])
+            run_bytes = size
     runs = [run for run in runs if len(run) > 1]
     for run in runs:
         with graph.inserting_before(run[0]):

@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import fxmesh
-from fxmesh import world
+from fxmesh import local, world
 from tests.helpers import DEVICE, FP32_RTOL, inductor_output_code, shard, without_comments
 
 WORLD_SIZE = 2
@@ -214,11 +214,15 @@ def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
     assert len(calls) == reductions, calls
 
 
-def test_partial_gradients_reduced_in_buckets(meshes):
+@pytest.mark.parametrize("capped", [False, True], ids=["", "capped"])
+def test_partial_gradients_reduced_in_buckets(meshes, monkeypatch, capped):
     """Clip + step over 20 norm weights whose gradients are Partial over tp, beside sharded ones: on the local
     shards the gradients' reductions run as one all-reduce of one buffer for the norm and one per scalar table
-    (16 parameters) for the step, not one per gradient each time (41 all-reduces).  A fake process group:
-    the gloo tests check the values of buckets."""
+    (16 parameters) for the step, not one per gradient each time (41 all-reduces); with buckets capped at 8
+    gradients' bytes, in buckets of at most 8.  A fake process group: the gloo tests check the values of
+    buckets."""
+    if capped:
+        monkeypatch.setattr(local, "BUCKET_BYTES", 8 * 6 * 4)  # 8 gradients of 6 fp32 values
     dp, tp = meshes["dp"], meshes["tp"]
     params = []
     for _ in range(20):
@@ -239,5 +243,7 @@ def test_partial_gradients_reduced_in_buckets(meshes):
         torch.compile(clip_and_step, backend="fxmesh")()
     calls = ALL_REDUCE.findall(without_comments("\n".join(codes)))
     assert counters["fxmesh"]["local_shard_graphs"] == 1, dict(counters["fxmesh"])
-    assert counters["fxmesh"]["reduction_buckets"] == 3, dict(counters["fxmesh"])
-    assert len(calls) == 1 + 1 + 2, calls  # the norm's bucket, the sharded gradients' norm, the step's buckets
+    # The norm's buckets (20 gradients), the sharded gradients' norm, the step's buckets (tables of 16 and 4).
+    buckets = [3, 2 + 1] if capped else [1, 2]
+    assert counters["fxmesh"]["reduction_buckets"] == sum(buckets), dict(counters["fxmesh"])
+    assert len(calls) == buckets[0] + 1 + buckets[1], calls
