@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
-from fxmesh.meshes import distinct_meshes
+from fxmesh.meshes import distinct_meshes, partial_reduced
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 
@@ -120,7 +120,7 @@ def _sharding_groups(
         mesh, dims = None, ()
         if isinstance(t, DTensor):
             if any(p.is_partial() for p in t.placements):
-                t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+                t = partial_reduced(t)
             # Every mesh dim left that is not Replicate splits the tensor: Shard, and
             # FSDP2's _StridedShard (an expert's rows already split over ep), whose
             # is_shard() is False.

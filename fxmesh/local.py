@@ -48,9 +48,19 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_leaves
 
 from fxmesh.fused_ops import bind, fused_op
-from fxmesh.meshes import example_value, redistributed_like, replicate
+from fxmesh.meshes import example_value, partial_reduced, redistributed_like, replicate
 
-__all__ = ["SHARD", "LocalGraph", "LocalShards", "hide_shard_mutations", "localize"]
+__all__ = [
+    "SHARD",
+    "LocalGraph",
+    "LocalShards",
+    "hide_shard_mutations",
+    "input_writers",
+    "is_redistribution",
+    "is_to_local",
+    "localize",
+    "mutated_roots",
+]
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +151,7 @@ class LocalGraph:
         return dataclasses.replace(self.shards, compiled=compiled)
 
 
-def _is_to_local(node: torch.fx.Node) -> bool:
+def is_to_local(node: torch.fx.Node) -> bool:
     """``DTensor.to_local``: a method call, or (torch 2.11) a function Dynamo names ``prim_to_local``."""
     if node.op == "call_method":
         return node.target == "to_local"
@@ -150,7 +160,7 @@ def _is_to_local(node: torch.fx.Node) -> bool:
 
 def _is_glue(node: torch.fx.Node) -> bool:
     """fxmesh's scalar-to-DTensor ``replicate`` or a ``to_local``: nothing on the local shards."""
-    return node.target is replicate or _is_to_local(node)
+    return node.target is replicate or is_to_local(node)
 
 
 def _is_elementwise(node: torch.fx.Node) -> bool:
@@ -241,13 +251,14 @@ def _local_math_refusal(node: torch.fx.Node) -> str | None:
     return None
 
 
-def _is_redistribution(node: torch.fx.Node) -> bool:
-    """fxmesh's ``redistributed_like`` or ``DTensor.redistribute``: a method call, or (torch 2.11) a
-    function Dynamo names ``prim_redistribute``."""
+def is_redistribution(node: torch.fx.Node) -> bool:
+    """fxmesh's ``redistributed_like`` or ``partial_reduced``, or ``DTensor.redistribute``: a method
+    call, or (torch 2.11) a function Dynamo names ``prim_redistribute``."""
     if node.op == "call_method":
         return node.target == "redistribute"
     return node.op == "call_function" and (
-        node.target is redistributed_like or getattr(node.target, "__name__", "") == "prim_redistribute"
+        node.target in (redistributed_like, partial_reduced)
+        or getattr(node.target, "__name__", "") == "prim_redistribute"
     )
 
 
@@ -255,7 +266,7 @@ def _local_reduction(node: torch.fx.Node) -> tuple[tuple[str, str], ...] | None:
     """For a redistribution that only reduces ``Partial`` mesh dims to ``Replicate``, in the input's
     dtype: the (reduce op, process group name) of each such dim, in mesh-dim order; None for any
     other node."""
-    if not _is_redistribution(node):
+    if not is_redistribution(node):
         return None
     src, dst = example_value(node.args[0]), example_value(node)
     if not isinstance(src, DTensor) or not isinstance(dst, DTensor) or src.device_mesh != dst.device_mesh:
@@ -359,7 +370,7 @@ def _refusal(gm: torch.fx.GraphModule) -> str | None:
                 # Fine where nothing computes with the DTensor: it is reduced (as the lowering and
                 # fxmesh.clip reduce a Partial gradient) or taken apart (clipping scales each rank's part).
                 if not node.users or any(
-                    _local_reduction(user) is None and not _is_to_local(user) for user in node.users
+                    _local_reduction(user) is None and not is_to_local(user) for user in node.users
                 ):
                     return f"input {node.name} is a Partial DTensor"
             continue
@@ -389,9 +400,15 @@ def _refusal(gm: torch.fx.GraphModule) -> str | None:
 _ALIASING_METHODS = frozenset({"detach", "to", "to_local"})
 
 
-def _mutated_roots(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+def mutated_roots(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """The placeholder and get_attr nodes an in-place op writes to, directly or through an alias."""
-    mutated = set()
+    return set(input_writers(gm))
+
+
+def input_writers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+    """The in-place ops that write to each placeholder and get_attr node, directly or through an
+    alias, in graph order (inputs nothing writes to are left out)."""
+    writers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         op = fused_op(node)
         if op is not None:
@@ -408,12 +425,13 @@ def _mutated_roots(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
             continue
         for t in targets:
             while isinstance(t, torch.fx.Node) and (
-                (t.op == "call_method" and t.target in _ALIASING_METHODS) or _is_to_local(t)
+                (t.op == "call_method" and t.target in _ALIASING_METHODS) or is_to_local(t)
             ):
                 t = t.args[0]
             if isinstance(t, torch.fx.Node) and t.op in ("placeholder", "get_attr"):
-                mutated.add(t)
-    return mutated
+                if node not in writers.setdefault(t, []):
+                    writers[t].append(node)
+    return writers
 
 
 def _as_local(value: Any) -> Any:
@@ -488,7 +506,7 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
     dtensor_inputs = [i for i, x in enumerate(example_inputs) if isinstance(x, DTensor)]
     if not dtensor_attrs and not dtensor_inputs:
         return None
-    mutated = _mutated_roots(gm)
+    mutated = mutated_roots(gm)
     mutated_inputs = [i for i, p in enumerate(gm.graph.find_nodes(op="placeholder")) if p in mutated]
 
     graph = torch.fx.Graph()

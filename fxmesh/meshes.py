@@ -30,6 +30,7 @@ __all__ = [
     "local_tensor",
     "mesh_key",
     "node_mesh_key",
+    "partial_reduced",
     "redistributed_like",
     "replicate",
 ]
@@ -94,6 +95,11 @@ def replicate(local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
 def redistributed_like(t: DTensor, like: DTensor) -> DTensor:
     """``t`` redistributed to ``like``'s mesh and placements (a module-level function, for FX graphs)."""
     return t.redistribute(like.device_mesh, like.placements)
+
+
+def partial_reduced(t: DTensor) -> DTensor:
+    """``t`` with its ``Partial`` mesh dims reduced to ``Replicate`` (a module-level function, for FX graphs)."""
+    return t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
 
 
 def distinct_meshes(tensors: Iterable[Any]) -> list[DeviceMesh]:

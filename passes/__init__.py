@@ -21,6 +21,7 @@ from fxmesh.errors import FxmeshError
 from fxmesh.passes.lower_fused_adagrad import lower_fused_adagrad
 from fxmesh.passes.lower_fused_adam import lower_fused_adam
 from fxmesh.passes.lower_fused_sgd import lower_fused_sgd
+from fxmesh.passes.reduce_partial_reads import reduce_partial_reads
 from fxmesh.passes.split_by_mesh import split_by_mesh
 
 __all__ = ["PASSES", "Pass", "resolve_passes", "run_passes"]
@@ -36,6 +37,8 @@ PASSES: dict[str, Pass] = {
     "lower_fused_adam": lower_fused_adam,
     "lower_fused_sgd": lower_fused_sgd,
     "lower_fused_adagrad": lower_fused_adagrad,
+    # Last: the lowerings reduce their Partial gradients themselves.
+    "reduce_partial_reads": reduce_partial_reads,
 }
 
 

@@ -14,6 +14,8 @@ leaves each rank's part as it is.  It counts the collectives in Inductor's code.
 
 from __future__ import annotations
 
+import importlib
+import logging
 import re
 
 import pytest
@@ -53,7 +55,7 @@ def _grad(full: torch.Tensor, mesh, placements, rank: int, gen: torch.Generator)
     return shard(full.clone(), mesh, placements)
 
 
-def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool = False) -> dict:
+def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool = False, foreach: bool = False) -> dict:
     """Compiled (clip +) step against eager and the full tensors' over ``STEPS`` steps: the largest errors.
 
     With ``grad_scaler`` the gradients come scaled by 4 with GradScaler's ``grad_scale`` and
@@ -67,7 +69,7 @@ def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool =
         return [torch.nn.Parameter(shard(f.clone(), m, pl)) for f, (m, _, pl, _) in zip(fulls, layout)]
 
     def adamw(ps) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)
+        return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, **({"foreach": True} if foreach else {"fused": True}))
 
     compiled_params, eager_params = params(), params()
     full_params = [torch.nn.Parameter(f.clone()) for f in fulls]
@@ -109,7 +111,14 @@ def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool =
             if grad_scaler:  # a Partial gradient's full tensor sums the unscaled parts
                 got, want = p.grad.full_tensor(), full.grad
                 out["grad_err"] = max(out["grad_err"], ((got - want).abs().max() / want.abs().max()).item())
-    for key in ("graphs", "eager_fallbacks", "lowered_nodes", "local_shard_graphs", "reduction_buckets"):
+    for key in (
+        "graphs",
+        "eager_fallbacks",
+        "lowered_nodes",
+        "local_shard_graphs",
+        "reduction_buckets",
+        "partial_inputs_reduced",
+    ):
         out[key] = counters["fxmesh"][key]
     return out
 
@@ -124,6 +133,7 @@ def _rank(rank: int, world_size: int) -> dict:
         "clip": _train(rank, layout, fulls, clip=True),
         "step": _train(rank, layout, fulls, clip=False),
         "grad_scaler": _train(rank, layout, fulls, clip=False, grad_scaler=True),
+        "foreach": _train(rank, layout, fulls, clip=True, foreach=True),
     }
 
 
@@ -172,6 +182,18 @@ def test_partial_gradients_unscaled_on_local_shards(ranks):
         assert r["local_shard_graphs"] == 1 and r["reduction_buckets"] == 1, (rank, r)
 
 
+def test_partial_gradients_clipped_and_stepped_with_foreach_adamw(ranks):
+    """Clip + foreach AdamW: each Partial gradient is reduced once, after clipping scaled its parts, where DTensor
+    would reduce it and what it became in three ops (fxmesh.passes.reduce_partial_reads); the graph runs on the
+    local shards and matches eager and the full tensors (1e-5)."""
+    for rank, r in enumerate(ranks):
+        r = r["foreach"]
+        for key in ("norm_err", "full_norm_err", "eager_err", "full_err"):
+            assert r[key] < FP32_RTOL, (rank, key, r)
+        assert r["graphs"] == 1 and r["eager_fallbacks"] == 0, (rank, r)
+        assert r["partial_inputs_reduced"] == 3 and r["local_shard_graphs"] == 1, (rank, r)
+
+
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
     "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, fused=True),
@@ -180,12 +202,8 @@ if DEVICE == "cpu":  # upstream ships fused Adagrad for CPU only
     OPTIMIZERS["adagrad"] = lambda ps: torch.optim.Adagrad(ps, lr=1e-2, weight_decay=0.1, fused=True)
 
 
-@pytest.mark.parametrize("grad_scaler", [False, True], ids=["", "grad-scaler"])
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
-    """The lowered step all-reduces each Partial gradient once, before its math, as eager's fused op
-    redistributes it; not in every op that reads it beside a parameter or state (AdamW: four times).
-    A fake process group: this counts the collectives in Inductor's code, the gloo test checks values."""
+def _count_layout(meshes) -> list[torch.nn.Parameter]:
+    """Two Partial gradients (one over both dims of a 2-D mesh) beside a sharded one, for counting collectives."""
     dp, ep = meshes["dp"], meshes["ep"]
     layout = [  # (mesh, shape, parameter placements, gradient placements)
         (dp, (8, 4), [Replicate()], [Partial()]),
@@ -197,6 +215,16 @@ def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
         p = torch.nn.Parameter(shard(torch.randn(shape, device=DEVICE), mesh, placements))
         p.grad = DTensor.from_local(torch.randn(p.to_local().shape, device=DEVICE), mesh, grad_placements)
         params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("grad_scaler", [False, True], ids=["", "grad-scaler"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
+    """The lowered step all-reduces each Partial gradient once, before its math, as eager's fused op
+    redistributes it; not in every op that reads it beside a parameter or state (AdamW: four times).
+    A fake process group: this counts the collectives in Inductor's code, the gloo test checks values."""
+    params = _count_layout(meshes)
     opt = OPTIMIZERS[name](params)
     if grad_scaler:  # the unscaled gradients are written back in their own placements
         opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=DEVICE), torch.tensor(0.0, device=DEVICE)
@@ -212,6 +240,44 @@ def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
         # (as DTensor math its where reduced twice per gradient: AdamW and Adagrad 9 here, SGD 12).
         reductions *= 2
     assert len(calls) == reductions, calls
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_foreach_partial_gradients_reduced_once(meshes, name):
+    """A foreach step reduces each Partial gradient once, before its math, on the local shards; DTensor reduces
+    the gradient and the values computed from it in every op that meets them with a state (AdamW: 3 per mesh
+    dim, 9 here).  SGD's first step clones the gradients into new momentum buffers (a graph output, so it stays
+    on the DTensors); DTensor reduces at the clone, and still does once.  A fake process group: counts."""
+    params = _count_layout(meshes)
+    if name == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
+    else:
+        opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=True)
+    with inductor_output_code() as codes:
+        torch.compile(opt.step, backend="fxmesh")()
+    calls = ALL_REDUCE.findall(without_comments("\n".join(codes)))
+    assert len(calls) == 1 + 2, calls  # dp's gradient over its one dimension, ep's over both of its
+    assert counters["fxmesh"]["partial_inputs_reduced"] == 2, dict(counters["fxmesh"])
+    assert counters["fxmesh"]["local_shard_graphs"] == (name == "adamw"), dict(counters["fxmesh"])
+
+
+def test_partial_reads_left_to_dtensor_where_the_rewrite_fails(meshes, monkeypatch, caplog):
+    """Where the pass cannot compute the rewritten graph's example values, it puts the graph back as it was,
+    says so, and the step compiles over the DTensors with DTensor's own reductions (9)."""
+    rewrite = importlib.import_module("fxmesh.passes.reduce_partial_reads")
+
+    def fail(node, fake_mode):
+        raise RuntimeError("no example value")
+
+    monkeypatch.setattr(rewrite, "propagate_example_value", fail)
+    params = _count_layout(meshes)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
+    with caplog.at_level(logging.WARNING, logger=rewrite.__name__), inductor_output_code() as codes:
+        torch.compile(opt.step, backend="fxmesh")()
+    assert "Partial inputs left to DTensor: no example value" in caplog.text
+    assert counters["fxmesh"]["partial_inputs_reduced"] == 0, dict(counters["fxmesh"])
+    assert counters["fxmesh"]["local_shard_graphs"] == 0, dict(counters["fxmesh"])
+    assert len(ALL_REDUCE.findall(without_comments("\n".join(codes)))) == 9
 
 
 @pytest.mark.parametrize("capped", [False, True], ids=["", "capped"])

@@ -1,0 +1,142 @@
+"""Reduce a ``Partial`` input once, before the math that reads it.
+
+Under tensor parallelism a weight replicated over ``tp`` (a norm's, a bias)
+gets a gradient that is still a ``Partial`` sum when the step runs.  DTensor
+keeps it ``Partial`` through linear ops and reduces whatever it became where
+it meets a parameter or a state: a foreach AdamW step reduces each gradient's
+derived values twice and the gradient once, three all-reduces where one does,
+and the graph cannot run on the local shards (:mod:`fxmesh.local` takes no
+math on ``Partial`` values).  The fused lowerings reduce once themselves
+(:func:`fxmesh.lowering.laid_out_like_each`); this pass does the same for what
+is left.
+
+For an input ``Partial`` on some mesh dims, follow the values that stay
+``Partial`` on them through the ops that read the input after the last op that
+writes to it (clipping scales each rank's part in place): every such path must
+end in an op whose DTensor results are no longer ``Partial`` there, so DTensor
+reduced on it, and none may reach the graph's outputs, a ``to_local`` or a
+``redistribute`` (which would see the placements).  Then those ops read the
+input reduced on those dims (:func:`fxmesh.meshes.partial_reduced`) instead,
+and the example values after them are computed again.  The values are the
+same: a ``Partial`` DTensor and its reduction are one logical tensor, and an
+in-place op keeps its destination's placements.  The reductions are placed
+next to each other where they can be, where :mod:`fxmesh.local` all-reduces
+them as one buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.utils._pytree import tree_leaves
+
+from fxmesh.local import input_writers, is_redistribution, is_to_local
+from fxmesh.meshes import example_value, graph_fake_mode, partial_reduced, propagate_example_value
+
+__all__ = ["reduce_partial_reads"]
+
+log = logging.getLogger(__name__)
+
+
+def _dtensors(node: torch.fx.Node) -> list[DTensor]:
+    return [v for v in tree_leaves(example_value(node)) if isinstance(v, DTensor)]
+
+
+def _placements(value: object) -> list[object]:
+    return [v.placements for v in tree_leaves(value) if isinstance(v, DTensor)]
+
+
+def _partial_on(node: torch.fx.Node, dims: set[int]) -> bool:
+    return any(p.is_partial() and d in dims for v in _dtensors(node) for d, p in enumerate(v.placements))
+
+
+def _reduced_downstream(readers: list[torch.fx.Node], dims: set[int]) -> bool:
+    """Whether DTensor reduces on ``dims`` every value the ``readers`` compute that stays ``Partial`` there,
+    before it reaches anything that sees placements or local parts."""
+    stack, seen = list(readers), set(readers)
+    while stack:
+        node = stack.pop()
+        if node.op not in ("call_function", "call_method") or is_to_local(node) or is_redistribution(node):
+            return False
+        if node.target is getattr:
+            if node.args[1] != "device_mesh":
+                return False
+            continue
+        if not _partial_on(node, dims):
+            if not _dtensors(node) and node.target is not operator.getitem:
+                return False  # a plain value read off a Partial one (.item(), a size): leave it
+            continue  # reduced here, or a list entry that never was Partial
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return True
+
+
+def reduce_partial_reads(gm: torch.fx.GraphModule) -> PassResult:
+    """Read each ``Partial`` input through one reduction where DTensor reduces everything computed from it."""
+    graph = gm.graph
+    partial = {}
+    for node in [*graph.find_nodes(op="placeholder"), *graph.find_nodes(op="get_attr")]:
+        value = example_value(node)
+        # Not an input autograd differentiates through: its reduction's backward would differ.
+        if isinstance(value, DTensor) and not value.requires_grad:
+            dims = {d for d, p in enumerate(value.placements) if p.is_partial()}
+            if dims:
+                partial[node] = dims
+    if not partial:
+        return PassResult(gm, False)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    writers = input_writers(gm)
+    targets: dict[torch.fx.Node, tuple[list[torch.fx.Node], int]] = {}
+    for node, dims in partial.items():
+        ready = max(order[n] for n in [node, *writers.get(node, [])])  # defined, and last written
+        readers = sorted((u for u in node.users if order[u] > ready), key=order.__getitem__)
+        if readers and _reduced_downstream(readers, dims):
+            targets[node] = (readers, ready)
+    if not targets:
+        return PassResult(gm, False)
+    fake_mode = graph_fake_mode(gm)
+    saved = {n: n.meta.get("example_value") for n in graph.nodes}
+    outputs = graph.output_node().all_input_nodes
+    first = min((readers[0] for readers, _ in targets.values()), key=order.__getitem__)
+    reductions = {}
+    for node, (readers, ready) in targets.items():
+        # Before the first reader of any such input (they are then next to each other), or of its own
+        # where the input is defined or written only after that one.
+        with graph.inserting_before(first if ready < order[first] else readers[0]):
+            reductions[node] = graph.call_function(partial_reduced, (node,))
+        for reader in readers:
+            reader.replace_input_with(node, reductions[node])
+    start = min(order[readers[0]] for readers, _ in targets.values())
+    try:
+        with torch.no_grad():
+            for node in graph.nodes:
+                if node not in saved:  # a reduction
+                    propagate_example_value(node, fake_mode)
+                # Tensor values only: the graph's grad-mode switches and the like stay unrun.
+                elif node.op in ("call_function", "call_method") and order[node] >= start:
+                    if any(isinstance(v, torch.Tensor) for v in tree_leaves(saved[node])):
+                        propagate_example_value(node, fake_mode)
+        # The paths never reach the outputs, so nothing there may change.
+        changed = [n.name for n in outputs if _placements(example_value(n)) != _placements(saved[n])]
+        if changed:
+            raise ValueError(f"the outputs {changed} would change")
+    except Exception as e:  # the graph as it was: the rewrite only saves collectives
+        log.warning("fxmesh: Partial inputs left to DTensor: %s", e)
+        for node, reduced in reductions.items():
+            reduced.replace_all_uses_with(node)
+            graph.erase_node(reduced)
+        for node, value in saved.items():
+            node.meta["example_value"] = value
+        return PassResult(gm, False)
+    counters["fxmesh"]["partial_inputs_reduced"] += len(reductions)
+    graph.lint()
+    gm.recompile()
+    return PassResult(gm, True)
