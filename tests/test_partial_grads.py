@@ -246,8 +246,10 @@ def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
 def test_foreach_partial_gradients_reduced_once(meshes, name):
     """A foreach step reduces each Partial gradient once, before its math, on the local shards; DTensor reduces
     the gradient and the values computed from it in every op that meets them with a state (AdamW: 3 per mesh
-    dim, 9 here).  SGD's first step clones the gradients into new momentum buffers (a graph output, so it stays
-    on the DTensors); DTensor reduces at the clone, and still does once.  A fake process group: counts."""
+    dim, 9 here).  SGD's first step clones the gradients into new momentum buffers (graph outputs, so it stays
+    on the DTensors), and DTensor reduces each once either way: at the clone (torch 2.13, where the pass then
+    moves that reduction up front) or where the buffer meets its parameter (2.11, 2.14, where the buffers stay
+    Partial and the pass leaves them).  A fake process group: counts."""
     params = _count_layout(meshes)
     if name == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
@@ -257,7 +259,8 @@ def test_foreach_partial_gradients_reduced_once(meshes, name):
         torch.compile(opt.step, backend="fxmesh")()
     calls = ALL_REDUCE.findall(without_comments("\n".join(codes)))
     assert len(calls) == 1 + 2, calls  # dp's gradient over its one dimension, ep's over both of its
-    assert counters["fxmesh"]["partial_inputs_reduced"] == 2, dict(counters["fxmesh"])
+    if name == "adamw":
+        assert counters["fxmesh"]["partial_inputs_reduced"] == 2, dict(counters["fxmesh"])
     assert counters["fxmesh"]["local_shard_graphs"] == (name == "adamw"), dict(counters["fxmesh"])
 
 
