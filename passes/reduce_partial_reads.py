@@ -14,7 +14,8 @@ For an input ``Partial`` on some mesh dims, follow the values that stay
 ``Partial`` on them through the ops that read the input after the last op that
 writes to it (clipping scales each rank's part in place): every such path must
 end in an op whose DTensor results are no longer ``Partial`` there, so DTensor
-reduced on it, and none may reach the graph's outputs, a ``to_local`` or a
+reduced on it (not in an in-place write into a ``Partial`` state, where it
+reduces nothing), and none may reach the graph's outputs, a ``to_local`` or a
 ``redistribute`` (which would see the placements).  Then those ops read the
 input reduced on those dims (:func:`fxmesh.meshes.partial_reduced`) instead,
 and the example values after them are computed again.  The values are the
@@ -72,6 +73,8 @@ def _reduced_downstream(readers: list[torch.fx.Node], dims: set[int]) -> bool:
             if not _dtensors(node) and node.target is not operator.getitem:
                 return False  # a plain value read off a Partial one (.item(), a size): leave it
             continue  # reduced here, or a list entry that never was Partial
+        if not node.users:
+            return False  # left Partial: written into a Partial state, say, where DTensor reduces nothing
         for user in node.users:
             if user not in seen:
                 seen.add(user)

@@ -264,6 +264,22 @@ def test_foreach_partial_gradients_reduced_once(meshes, name):
     assert counters["fxmesh"]["local_shard_graphs"] == (name == "adamw"), dict(counters["fxmesh"])
 
 
+def test_partial_value_added_into_a_partial_state_stays_partial(meshes):
+    """A Partial gradient added into a Partial buffer (SGD's momentum buffer on torch 2.11 and 2.14, made with
+    clone) is a sum of parts that DTensor never reduces: the pass must not add a reduction there."""
+    dp = meshes["dp"]
+    buf = DTensor.from_local(torch.zeros(4, device=DEVICE), dp, [Partial()])
+    grad = DTensor.from_local(torch.randn(4, device=DEVICE), dp, [Partial()])
+
+    def accumulate() -> None:
+        buf.mul_(0.9).add_(grad * 2)
+
+    with inductor_output_code() as codes:
+        torch.compile(accumulate, backend="fxmesh")()
+    assert counters["fxmesh"]["partial_inputs_reduced"] == 0, dict(counters["fxmesh"])
+    assert not ALL_REDUCE.findall(without_comments("\n".join(codes)))
+
+
 def test_partial_reads_left_to_dtensor_where_the_rewrite_fails(meshes, monkeypatch, caplog):
     """Where the pass cannot compute the rewritten graph's example values, it puts the graph back as it was,
     says so, and the step compiles over the DTensors with DTensor's own reductions (9)."""
