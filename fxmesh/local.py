@@ -59,7 +59,6 @@ __all__ = [
     "is_redistribution",
     "is_to_local",
     "localize",
-    "mutated_roots",
 ]
 
 log = logging.getLogger(__name__)
@@ -400,11 +399,6 @@ def _refusal(gm: torch.fx.GraphModule) -> str | None:
 _ALIASING_METHODS = frozenset({"detach", "to", "to_local"})
 
 
-def mutated_roots(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """The placeholder and get_attr nodes an in-place op writes to, directly or through an alias."""
-    return set(input_writers(gm))
-
-
 def input_writers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx.Node]]:
     """The in-place ops that write to each placeholder and get_attr node, directly or through an
     alias, in graph order (inputs nothing writes to are left out)."""
@@ -506,7 +500,7 @@ def localize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LocalGr
     dtensor_inputs = [i for i, x in enumerate(example_inputs) if isinstance(x, DTensor)]
     if not dtensor_attrs and not dtensor_inputs:
         return None
-    mutated = mutated_roots(gm)
+    mutated = input_writers(gm)  # the inputs an in-place op writes to
     mutated_inputs = [i for i, p in enumerate(gm.graph.find_nodes(op="placeholder")) if p in mutated]
 
     graph = torch.fx.Graph()
