@@ -21,6 +21,10 @@ vectorized loop: in torch 2.11-2.13 that loop never stores the updated
 parameters (and reads a low-precision momentum buffer as float32), so eager
 fused SGD on CPU leaves all but the tail elements unchanged.
 
+The first step's new momentum buffers are laid out like their parameters, not
+like gradients that are still ``Partial`` (see
+:func:`_buffer_made_like_its_parameter`).
+
 Pre: run after ``split_by_mesh``.  Post: no fused SGD node is left.
 """
 
@@ -31,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.distributed.tensor import DTensor
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import Proxy
 
@@ -47,7 +52,7 @@ from fxmesh.lowering import (
     upcast,
     write_back,
 )
-from fxmesh.meshes import example_value
+from fxmesh.meshes import example_value, propagate_example_value
 
 __all__ = ["lower_fused_sgd"]
 
@@ -92,6 +97,36 @@ def _sgd_update(
     write_back(outputs, found_inf)
 
 
+def _buffer_made_like_its_parameter(
+    buffer: torch.fx.Node, grad: torch.fx.Node, param: torch.fx.Node, position: dict[torch.fx.Node, int]
+) -> None:
+    """Make a first step's new momentum buffer, ``torch.empty_like(grad)``, with ``empty_like(param)`` where the
+    gradient's placements differ from the parameter's.
+
+    torch.optim makes fused SGD's buffers like the gradients.  A gradient still
+    ``Partial`` over ``tp`` (a norm weight's) would give a ``Partial`` buffer:
+    the optimizer state would then hold a sum of per-rank parts, which every
+    later step reduces again (the math reads it beside the reduced gradient)
+    and which ``torch.distributed.checkpoint`` refuses to save ("not supported
+    for DTensor with partial placements").  The first step writes the reduced
+    gradient into the buffer, so laid out like the parameter (as Adam's states
+    are), it holds the same values and no rank's part.  Upstream has no
+    DTensor rule for fused SGD, so there is no eager state format to keep.
+    ``position`` caches each node's index in the graph (filled here when first needed).
+    """
+    if buffer.op != "call_function" or buffer.target is not torch.empty_like or buffer.args[:1] != (grad,):
+        return
+    g, p = example_value(grad), example_value(param)
+    if not (isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements):
+        return
+    if not position:
+        position.update((n, i) for i, n in enumerate(buffer.graph.nodes))
+    if position[param] > position[buffer]:  # a parameter is an input, read before torch.optim's fused function
+        return
+    buffer.args = (param, *buffer.args[1:])
+    propagate_example_value(buffer, p._local_tensor.fake_mode)
+
+
 def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> None:
     params, grads, buffers = (args[name] for name in op.list_args)
     first = example_value(params[0])
@@ -105,6 +140,10 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     )
     # torch.optim passes no buffers when momentum is 0; for a symbolic momentum, Dynamo traced that branch.
     has_momentum = bool(buffers) if isinstance(args["momentum"], torch.fx.Node) else args["momentum"] != 0
+    if has_momentum and args["is_first_step"]:
+        position: dict[torch.fx.Node, int] = {}
+        for param, grad, buffer in zip(params, grads, buffers):
+            _buffer_made_like_its_parameter(buffer, grad, param, position)
     for rows in table_groups(params):  # no table: the groups bound the runs of gradient redistributions
         laid_out = laid_out_like_each([proxy(grads[i]) for i in rows], [proxy(params[i]) for i in rows])
         for row, i in enumerate(rows):

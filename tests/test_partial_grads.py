@@ -17,10 +17,13 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch._dynamo.utils import counters
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
@@ -55,25 +58,44 @@ def _grad(full: torch.Tensor, mesh, placements, rank: int, gen: torch.Generator)
     return shard(full.clone(), mesh, placements)
 
 
-def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool = False, foreach: bool = False) -> dict:
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, fused=True),
+}
+if DEVICE == "cpu":  # upstream ships fused Adagrad for CPU only
+    OPTIMIZERS["adagrad"] = lambda ps: torch.optim.Adagrad(ps, lr=1e-2, weight_decay=0.1, fused=True)
+FOREACH_ADAMW = {"foreach_adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True)}
+
+
+def _train(
+    rank: int,
+    layout: list,
+    fulls: list,
+    clip: bool,
+    grad_scaler: bool = False,
+    optimizer: str = "adamw",
+    checkpoint_dir: str | None = None,
+) -> dict:
     """Compiled (clip +) step against eager and the full tensors' over ``STEPS`` steps: the largest errors.
 
     With ``grad_scaler`` the gradients come scaled by 4 with GradScaler's ``grad_scale`` and
     ``found_inf`` on the optimizers (``found_inf`` 1 in the third step, which every tensor must
     survive unchanged), and the gradients the step unscales in place are compared with the full
     tensors' too.  Not with eager's: eager DTensor unscales a redistributed copy of a Partial
-    gradient and leaves the gradient itself scaled.
+    gradient and leaves the gradient itself scaled.  Fused SGD has no eager run over DTensors
+    (upstream has no sharding rule for it; ``eager_err`` stays 0); its momentum buffers' placements
+    are returned, and with ``checkpoint_dir`` the buffers go through ``torch.distributed.checkpoint``
+    and come back into fresh DTensors laid out like the parameters, compared with the full tensors'.
     """
 
     def params() -> list:
         return [torch.nn.Parameter(shard(f.clone(), m, pl)) for f, (m, _, pl, _) in zip(fulls, layout)]
 
-    def adamw(ps) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, **({"foreach": True} if foreach else {"fused": True}))
-
+    make = (OPTIMIZERS | FOREACH_ADAMW)[optimizer]
+    eagerly = optimizer != "sgd"
     compiled_params, eager_params = params(), params()
     full_params = [torch.nn.Parameter(f.clone()) for f in fulls]
-    opt, eager_opt, full_opt = adamw(compiled_params), adamw(eager_params), adamw(full_params)
+    opt, eager_opt, full_opt = make(compiled_params), make(eager_params), make(full_params)
     scale = 4.0 if grad_scaler else 1.0
 
     @torch.compile(backend="fxmesh")
@@ -84,7 +106,7 @@ def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool =
 
     torch._dynamo.reset()
     counters.clear()
-    out = {"norm_err": 0.0, "full_norm_err": 0.0, "eager_err": 0.0, "full_err": 0.0, "grad_err": 0.0}
+    out: dict[str, Any] = {"norm_err": 0.0, "full_norm_err": 0.0, "eager_err": 0.0, "full_err": 0.0, "grad_err": 0.0}
     for s in range(STEPS):
         grads = [scale * torch.randn(f.shape, generator=torch.Generator().manual_seed(100 + s)) for f in fulls]
         if grad_scaler:
@@ -102,15 +124,33 @@ def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool =
             full_norm = torch.nn.utils.clip_grad_norm_(full_params, MAX_NORM)
             out["norm_err"] = max(out["norm_err"], abs(norm.item() / eager_norm.item() - 1))
             out["full_norm_err"] = max(out["full_norm_err"], abs(norm.item() / full_norm.item() - 1))
-        eager_opt.step()
+        if eagerly:
+            eager_opt.step()
         full_opt.step()
         for p, eager, full in zip(compiled_params, eager_params, full_params):
             got = p.full_tensor()
-            for key, want in (("eager_err", eager.full_tensor()), ("full_err", full.detach())):
-                out[key] = max(out[key], ((got - want).abs().max() / want.abs().max()).item())
+            for key, want in (("eager_err", eager.full_tensor() if eagerly else None), ("full_err", full.detach())):
+                if want is not None:
+                    out[key] = max(out[key], _rel_err(got, want))
             if grad_scaler:  # a Partial gradient's full tensor sums the unscaled parts
                 got, want = p.grad.full_tensor(), full.grad
-                out["grad_err"] = max(out["grad_err"], ((got - want).abs().max() / want.abs().max()).item())
+                out["grad_err"] = max(out["grad_err"], _rel_err(got, want))
+    if optimizer == "sgd":
+        buffers = [opt.state[p]["momentum_buffer"] for p in compiled_params]
+        out["buffer_placements"] = [(b.placements, p.placements) for b, p in zip(buffers, compiled_params)]
+        fulls_buffers = [full_opt.state[f]["momentum_buffer"] for f in full_params]
+        out["buffer_err"] = max(_rel_err(b.full_tensor(), want) for b, want in zip(buffers, fulls_buffers))
+        if checkpoint_dir is not None:
+            try:  # a failure here must not take the other cases' results with it
+                dcp.save({f"buffer{i}": b for i, b in enumerate(buffers)}, checkpoint_id=checkpoint_dir)
+                loaded = {f"buffer{i}": torch.zeros_like(p) for i, p in enumerate(compiled_params)}
+                dcp.load(loaded, checkpoint_id=checkpoint_dir)
+            except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+                out["checkpoint_err"] = f"{type(e).__name__}: {e}"
+            else:
+                out["checkpoint_err"] = max(
+                    _rel_err(loaded[f"buffer{i}"].full_tensor(), want) for i, want in enumerate(fulls_buffers)
+                )
     for key in (
         "graphs",
         "eager_fallbacks",
@@ -123,7 +163,11 @@ def _train(rank: int, layout: list, fulls: list, clip: bool, grad_scaler: bool =
     return out
 
 
-def _rank(rank: int, world_size: int) -> dict:
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def _rank(rank: int, world_size: int, checkpoint_dir: str) -> dict:
     dp = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
     tp = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp_mod_tp", "tp"))
     layout = _layout(dp, tp)
@@ -133,13 +177,15 @@ def _rank(rank: int, world_size: int) -> dict:
         "clip": _train(rank, layout, fulls, clip=True),
         "step": _train(rank, layout, fulls, clip=False),
         "grad_scaler": _train(rank, layout, fulls, clip=False, grad_scaler=True),
-        "foreach": _train(rank, layout, fulls, clip=True, foreach=True),
+        "foreach": _train(rank, layout, fulls, clip=True, optimizer="foreach_adamw"),
+        "sgd": _train(rank, layout, fulls, clip=True, optimizer="sgd", checkpoint_dir=checkpoint_dir),
+        "sgd_grad_scaler": _train(rank, layout, fulls, clip=False, grad_scaler=True, optimizer="sgd"),
     }
 
 
 @pytest.fixture(scope="module")
-def ranks() -> list[dict]:
-    return world.run(_rank, WORLD_SIZE)
+def ranks(tmp_path_factory) -> list[dict]:
+    return world.run(_rank, WORLD_SIZE, str(tmp_path_factory.mktemp("checkpoint")))
 
 
 def test_partial_gradients_clipped_and_stepped_as_eagerly(ranks):
@@ -194,12 +240,33 @@ def test_partial_gradients_clipped_and_stepped_with_foreach_adamw(ranks):
         assert r["partial_inputs_reduced"] == 3 and r["local_shard_graphs"] == 1, (rank, r)
 
 
-OPTIMIZERS = {
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, fused=True),
-}
-if DEVICE == "cpu":  # upstream ships fused Adagrad for CPU only
-    OPTIMIZERS["adagrad"] = lambda ps: torch.optim.Adagrad(ps, lr=1e-2, weight_decay=0.1, fused=True)
+def test_partial_gradients_clipped_and_stepped_with_fused_sgd(ranks):
+    """Clip + fused SGD with momentum (which upstream cannot run over DTensors): parameters, norm and momentum
+    buffers match the full tensors' (1e-5).  The buffers are laid out like their parameters, not like the
+    Partial gradients torch.optim makes them from, so the state holds no per-rank parts: the steps after the
+    first run on the local shards, and the buffers go through torch.distributed.checkpoint (which refuses
+    Partial DTensors) and come back with the full tensors' values."""
+    for rank, r in enumerate(ranks):
+        r = r["sgd"]
+        assert isinstance(r["checkpoint_err"], float), (rank, r["checkpoint_err"])
+        for key in ("full_norm_err", "full_err", "buffer_err", "checkpoint_err"):
+            assert r[key] < FP32_RTOL, (rank, key, r)
+        for buffer_placements, param_placements in r["buffer_placements"]:
+            assert buffer_placements == param_placements, (rank, r["buffer_placements"])
+        # The first step returns new buffers, so it runs over the DTensors; the second graph is every later step's.
+        assert r["graphs"] == 2 and r["eager_fallbacks"] == 0 and r["local_shard_graphs"] == 1, (rank, r)
+
+
+def test_partial_gradients_unscaled_and_stepped_with_fused_sgd(ranks):
+    """Fused SGD under GradScaler (one step skipped, the first step not): parameters, unscaled gradient parts and
+    momentum buffers match the full tensors' (1e-5), the buffers laid out like their parameters."""
+    for rank, r in enumerate(ranks):
+        r = r["sgd_grad_scaler"]
+        for key in ("full_err", "grad_err", "buffer_err"):
+            assert r[key] < FP32_RTOL, (rank, key, r)
+        for buffer_placements, param_placements in r["buffer_placements"]:
+            assert buffer_placements == param_placements, (rank, r["buffer_placements"])
+        assert r["graphs"] == 2 and r["eager_fallbacks"] == 0 and r["local_shard_graphs"] == 1, (rank, r)
 
 
 def _count_layout(meshes) -> list[torch.nn.Parameter]:
@@ -222,24 +289,38 @@ def _count_layout(meshes) -> list[torch.nn.Parameter]:
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_partial_gradient_reduced_once_per_step(meshes, name, grad_scaler):
     """The lowered step all-reduces each Partial gradient once, before its math, as eager's fused op
-    redistributes it; not in every op that reads it beside a parameter or state (AdamW: four times).
-    A fake process group: this counts the collectives in Inductor's code, the gloo test checks values."""
+    redistributes it; not in every op that reads it beside a parameter or state (AdamW: four times), and
+    the states are laid out like the parameters, so the second step's graph (every later step's) runs on
+    the local shards with the same reductions.  A fake process group: this counts the collectives in
+    Inductor's code, the gloo tests check values."""
     params = _count_layout(meshes)
     opt = OPTIMIZERS[name](params)
     if grad_scaler:  # the unscaled gradients are written back in their own placements
         opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=DEVICE), torch.tensor(0.0, device=DEVICE)
-    with inductor_output_code() as codes:
-        torch.compile(opt.step, backend="fxmesh")()
-    calls = ALL_REDUCE.findall(without_comments("\n".join(codes)))
-    assert counters["fxmesh"]["lowered_nodes"] == 2, dict(counters["fxmesh"])
+    step = torch.compile(opt.step, backend="fxmesh")
     reductions = 1 + 2  # dp's gradient over its one dimension, ep's over both of its
-    if grad_scaler and name == "sgd":
-        # torch.optim makes SGD's momentum buffers with empty_like(grad), so a Partial gradient gets a
-        # Partial buffer, and found_inf's where(skip, buffer, new) reduces it (DTensor has no Partial rule
-        # for where).  The unscaled gradient's write-back runs on each rank's own part and reduces nothing
-        # (as DTensor math its where reduced twice per gradient: AdamW and Adagrad 9 here, SGD 12).
-        reductions *= 2
-    assert len(calls) == reductions, calls
+    # Dynamo makes Adam's and Adagrad's states before tracing, so their first graph serves every step; SGD's
+    # first step makes its momentum buffers in the graph and returns them (so it runs over the DTensors),
+    # and its second graph serves every later step.
+    graphs = 2 if name == "sgd" else 1
+    for s in range(3):
+        counters.clear()
+        with inductor_output_code() as codes:
+            step()
+        if s >= graphs:
+            assert not codes and not counters["fxmesh"]["graphs"], (s, dict(counters["fxmesh"]))
+            continue
+        calls = ALL_REDUCE.findall(without_comments("\n".join(codes)))
+        # As DTensor math GradScaler's write-back (a where) reduced each gradient twice more: 9 here.  SGD's
+        # buffers, made like the Partial gradients, were Partial, reduced again in the second step (6 here).
+        assert len(calls) == reductions, (s, calls)
+        assert counters["fxmesh"]["lowered_nodes"] == 2, (s, dict(counters["fxmesh"]))
+        on_local_shards = s == graphs - 1
+        assert counters["fxmesh"]["local_shard_graphs"] == on_local_shards, (s, dict(counters["fxmesh"]))
+    for p in params:
+        for key, state in opt.state[p].items():
+            if isinstance(state, DTensor):
+                assert state.placements == p.placements, (key, state.placements, p.placements)
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
