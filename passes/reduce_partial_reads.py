@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -57,29 +58,81 @@ def _partial_on(node: torch.fx.Node, dims: set[int]) -> bool:
     return any(p.is_partial() and d in dims for v in _dtensors(node) for d, p in enumerate(v.placements))
 
 
-def _reduced_downstream(readers: list[torch.fx.Node], dims: set[int]) -> bool:
-    """Whether DTensor reduces on ``dims`` every value the ``readers`` compute that stays ``Partial`` there,
-    before it reaches anything that sees placements or local parts."""
-    stack, seen = list(readers), set(readers)
-    while stack:
-        node = stack.pop()
-        if node.op not in ("call_function", "call_method") or is_to_local(node) or is_redistribution(node):
-            return False
-        if node.target is getattr:
-            if node.args[1] != "device_mesh":
-                return False
-            continue
-        if not _partial_on(node, dims):
-            if not _dtensors(node) and node.target is not operator.getitem:
-                return False  # a plain value read off a Partial one (.item(), a size): leave it
-            continue  # reduced here, or a list entry that never was Partial
-        if not node.users:
-            return False  # left Partial: written into a Partial state, say, where DTensor reduces nothing
-        for user in node.users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return True
+def _reduced_here(node: torch.fx.Node, dims: set[int]) -> bool | None:
+    """Whether a path through ``node`` (a value computed from a Partial input) ends well on ``dims``: True where
+    DTensor reduced there, False where it reaches something that sees placements or local parts, or stays
+    Partial in a dead end; None where that depends on ``node``'s users."""
+    if node.op not in ("call_function", "call_method") or is_to_local(node) or is_redistribution(node):
+        return False
+    if node.target is getattr:
+        return node.args[1] == "device_mesh"
+    if not _partial_on(node, dims):
+        # Reduced here, or a list entry that never was Partial; a plain value read off a Partial one
+        # (.item(), a size): leave it.
+        return bool(_dtensors(node)) or node.target is operator.getitem
+    if not node.users:
+        return False  # left Partial: written into a Partial state, say, where DTensor reduces nothing
+    return None
+
+
+def _reduced_downstream(dims: set[int]) -> Callable[[list[torch.fx.Node]], bool]:
+    """A test of readers: whether DTensor reduces on ``dims`` every value they compute that stays ``Partial``
+    there, before it reaches anything that sees placements or local parts.
+
+    The verdict of each node is kept, so the inputs one foreach op reads (whose
+    paths run through the same list ops and their entries) cost one walk in all,
+    not one walk each.
+    """
+    verdicts: dict[torch.fx.Node, bool] = {}
+
+    def verdict(root: torch.fx.Node) -> bool:
+        stack = [root]
+        while stack:  # depth first, a node decided after its users
+            node = stack[-1]
+            if node in verdicts:
+                stack.pop()
+                continue
+            here = _reduced_here(node, dims)
+            if here is None:
+                undecided = [u for u in node.users if u not in verdicts]
+                if undecided:
+                    stack.extend(undecided)
+                    continue
+                here = all(verdicts[u] for u in node.users)
+            verdicts[node] = here
+            stack.pop()
+        return verdicts[root]
+
+    return lambda readers: all(verdict(r) for r in readers)
+
+
+def _propagate(node: torch.fx.Node, fake_mode: object) -> None:
+    """:func:`propagate_example_value`, with a foreach op run one list entry at a time.
+
+    DTensor's rule for a foreach op takes time quadratic in the list's length
+    (1000 entries: seconds per op), and a list's specs are never seen twice;
+    one entry's rule is cached across entries of one layout.  A foreach op
+    computes each entry on its own, so the values are the same.
+    """
+    lengths = {len(a) for a in node.args if isinstance(a, (list, tuple))}
+    if (
+        node.op != "call_function"
+        or not getattr(node.target, "__name__", "").startswith("_foreach_")
+        or len(lengths) != 1
+    ):
+        propagate_example_value(node, fake_mode)
+        return
+    (n,) = lengths
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example_value)
+
+    def entry(value: object, i: int) -> object:
+        return [value[i]] if isinstance(value, (list, tuple)) and len(value) == n else value
+
+    with fake_mode:
+        results = [
+            node.target(*(entry(a, i) for a in args), **{k: entry(v, i) for k, v in kwargs.items()}) for i in range(n)
+        ]
+    node.meta["example_value"] = None if all(r is None for r in results) else [r[0] for r in results]
 
 
 def reduce_partial_reads(gm: torch.fx.GraphModule) -> PassResult:
@@ -97,11 +150,13 @@ def reduce_partial_reads(gm: torch.fx.GraphModule) -> PassResult:
         return PassResult(gm, False)
     order = {n: i for i, n in enumerate(graph.nodes)}
     writers = input_writers(gm)
+    reduced_downstream: dict[frozenset[int], Callable[[list[torch.fx.Node]], bool]] = {}
     targets: dict[torch.fx.Node, tuple[list[torch.fx.Node], int]] = {}
     for node, dims in partial.items():
         ready = max(order[n] for n in [node, *writers.get(node, [])])  # defined, and last written
         readers = sorted((u for u in node.users if order[u] > ready), key=order.__getitem__)
-        if readers and _reduced_downstream(readers, dims):
+        test = reduced_downstream.setdefault(frozenset(dims), _reduced_downstream(dims))
+        if readers and test(readers):
             targets[node] = (readers, ready)
     if not targets:
         return PassResult(gm, False)
@@ -117,16 +172,21 @@ def reduce_partial_reads(gm: torch.fx.GraphModule) -> PassResult:
             reductions[node] = graph.call_function(partial_reduced, (node,))
         for reader in readers:
             reader.replace_input_with(node, reductions[node])
-    start = min(order[readers[0]] for readers, _ in targets.values())
     try:
         with torch.no_grad():
+            # Again for the reductions and every op that reads a value whose placements changed: the rewrite changes
+            # placements only, and only up to where DTensor reduced.  (DTensor's foreach rules cost time quadratic
+            # in the list's length, so the ops past that are not run again.)
+            changed = set(reductions.values())
             for node in graph.nodes:
-                if node not in saved:  # a reduction
-                    propagate_example_value(node, fake_mode)
+                if node in changed:
+                    _propagate(node, fake_mode)
                 # Tensor values only: the graph's grad-mode switches and the like stay unrun.
-                elif node.op in ("call_function", "call_method") and order[node] >= start:
+                elif node.op in ("call_function", "call_method") and not changed.isdisjoint(node.all_input_nodes):
                     if any(isinstance(v, torch.Tensor) for v in tree_leaves(saved[node])):
-                        propagate_example_value(node, fake_mode)
+                        _propagate(node, fake_mode)
+                        if _placements(example_value(node)) != _placements(saved[node]):
+                            changed.add(node)
         # The paths never reach the outputs, so nothing there may change.
         changed = [n.name for n in outputs if _placements(example_value(n)) != _placements(saved[n])]
         if changed:
