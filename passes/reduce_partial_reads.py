@@ -106,35 +106,6 @@ def _reduced_downstream(dims: set[int]) -> Callable[[list[torch.fx.Node]], bool]
     return lambda readers: all(verdict(r) for r in readers)
 
 
-def _propagate(node: torch.fx.Node, fake_mode: object) -> None:
-    """:func:`propagate_example_value`, with a foreach op run one list entry at a time.
-
-    DTensor's rule for a foreach op takes time quadratic in the list's length
-    (1000 entries: seconds per op), and a list's specs are never seen twice;
-    one entry's rule is cached across entries of one layout.  A foreach op
-    computes each entry on its own, so the values are the same.
-    """
-    lengths = {len(a) for a in node.args if isinstance(a, (list, tuple))}
-    if (
-        node.op != "call_function"
-        or not getattr(node.target, "__name__", "").startswith("_foreach_")
-        or len(lengths) != 1
-    ):
-        propagate_example_value(node, fake_mode)
-        return
-    (n,) = lengths
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example_value)
-
-    def entry(value: object, i: int) -> object:
-        return [value[i]] if isinstance(value, (list, tuple)) and len(value) == n else value
-
-    with fake_mode:
-        results = [
-            node.target(*(entry(a, i) for a in args), **{k: entry(v, i) for k, v in kwargs.items()}) for i in range(n)
-        ]
-    node.meta["example_value"] = None if all(r is None for r in results) else [r[0] for r in results]
-
-
 def reduce_partial_reads(gm: torch.fx.GraphModule) -> PassResult:
     """Read each ``Partial`` input through one reduction where DTensor reduces everything computed from it."""
     graph = gm.graph
@@ -175,16 +146,15 @@ def reduce_partial_reads(gm: torch.fx.GraphModule) -> PassResult:
     try:
         with torch.no_grad():
             # Again for the reductions and every op that reads a value whose placements changed: the rewrite changes
-            # placements only, and only up to where DTensor reduced.  (DTensor's foreach rules cost time quadratic
-            # in the list's length, so the ops past that are not run again.)
+            # placements only, and only up to where DTensor reduced.
             changed = set(reductions.values())
             for node in graph.nodes:
                 if node in changed:
-                    _propagate(node, fake_mode)
+                    propagate_example_value(node, fake_mode)
                 # Tensor values only: the graph's grad-mode switches and the like stay unrun.
                 elif node.op in ("call_function", "call_method") and not changed.isdisjoint(node.all_input_nodes):
                     if any(isinstance(v, torch.Tensor) for v in tree_leaves(saved[node])):
-                        _propagate(node, fake_mode)
+                        propagate_example_value(node, fake_mode)
                         if _placements(example_value(node)) != _placements(saved[node]):
                             changed.add(node)
         # The paths never reach the outputs, so nothing there may change.

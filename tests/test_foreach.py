@@ -13,7 +13,11 @@ import inspect
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
 
+from fxmesh import capture
+from fxmesh import meshes as meshes_module
 from tests.helpers import DEVICE, KERNEL_PREFIX, dtensor_params, without_comments
 from tests.test_adam import unexpected_graph_breaks
 from tests.test_sgd import run_local_parity
@@ -89,3 +93,37 @@ def test_other_backends_still_fail_across_meshes(meshes, cls, match):
         p.grad = torch.zeros_like(p)
     with pytest.raises(Exception, match=match):
         torch.compile(cls(params, foreach=True).step, backend="eager")()
+
+
+def _local_meta(value):
+    return [(v.placements, v.to_local().shape, v.dtype) if isinstance(v, DTensor) else v for v in tree_leaves(value)]
+
+
+def test_foreach_example_values_traced_one_entry_at_a_time(meshes, monkeypatch):
+    """Under fxmesh, Dynamo computes a foreach op's example value over DTensors one list entry at a time
+    (DTensor's rule for a whole list takes time quadratic in its length); each must equal the whole list's
+    (placements, local shapes, dtypes).  Under another backend Dynamo's own run is untouched."""
+    compared, mismatches = [], []
+
+    def both(op, args, kwargs):
+        whole = _local_meta(op(*args, **kwargs))
+        value = per_entry(op, args, kwargs)
+        if meshes_module._foreach_length(op, args, kwargs) is not None:
+            compared.append(op.__name__)
+            if _local_meta(value) != whole:
+                mismatches.append(op.__name__)
+        return value
+
+    per_entry = capture.call_foreach_per_entry
+    monkeypatch.setattr(capture, "call_foreach_per_entry", both)
+    params = dtensor_params(meshes)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.compile(torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, foreach=True).step, backend="fxmesh")()
+    assert {"_foreach_mul_", "_foreach_addcdiv_", "_foreach_sqrt"} <= set(compared), compared
+    assert not mismatches, mismatches
+
+    compared.clear()
+    one_mesh = [p for p in params if p.device_mesh == params[0].device_mesh]
+    torch.compile(torch.optim.AdamW(one_mesh, lr=0.01, foreach=True).step, backend="eager")()
+    assert not compared, compared

@@ -413,33 +413,3 @@ def test_partial_gradients_reduced_in_buckets(meshes, monkeypatch, capped):
     buckets = [3, 2 + 1] if capped else [1, 2]
     assert counters["fxmesh"]["reduction_buckets"] == sum(buckets), dict(counters["fxmesh"])
     assert len(calls) == buckets[0] + 1 + buckets[1], calls
-
-
-def test_foreach_example_values_recomputed_one_entry_at_a_time(meshes, monkeypatch):
-    """The pass recomputes a foreach op's example value one list entry at a time (DTensor's rule for a whole
-    list takes time quadratic in its length): the placements, local shapes and dtypes must be the whole list's."""
-    rewrite = importlib.import_module("fxmesh.passes.reduce_partial_reads")
-    compared, mismatches = [], []
-
-    def local_meta(value):
-        return [
-            (v.placements, v.to_local().shape, v.dtype) if isinstance(v, DTensor) else v
-            for v in rewrite.tree_leaves(value)
-        ]
-
-    def both(node, fake_mode):
-        rewrite.propagate_example_value(node, fake_mode)  # the whole list at once
-        whole = local_meta(node.meta["example_value"])
-        original(node, fake_mode)
-        if node.target.__name__.startswith("_foreach_"):
-            compared.append(node.target.__name__)
-            if local_meta(node.meta["example_value"]) != whole:
-                mismatches.append(node.name)
-
-    original = rewrite._propagate
-    monkeypatch.setattr(rewrite, "_propagate", both)
-    params = _count_layout(meshes) + _count_layout(meshes)  # lists of 6
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
-    torch.compile(opt.step, backend="fxmesh")()
-    assert counters["fxmesh"]["partial_inputs_reduced"] == 4, dict(counters["fxmesh"])
-    assert compared and not mismatches, (compared, mismatches)
