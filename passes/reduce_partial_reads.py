@@ -18,9 +18,10 @@ reduced on it (not in an in-place write into a ``Partial`` state, where it
 reduces nothing), and none may reach the graph's outputs, a ``to_local`` or a
 ``redistribute`` (which would see the placements).  Then those ops read the
 input reduced on those dims (:func:`fxmesh.meshes.partial_reduced`) instead,
-and the example values after them are computed again.  The values are the
-same: a ``Partial`` DTensor and its reduction are one logical tensor, and an
-in-place op keeps its destination's placements.  The reductions are placed
+and the example values of the ops whose inputs' placements changed are
+computed again.  The values are the same: a ``Partial`` DTensor and its
+reduction are one logical tensor, and an in-place op keeps its destination's
+placements.  The reductions are placed
 next to each other where they can be, where :mod:`fxmesh.local` all-reduces
 them as one buffer.
 """
@@ -158,9 +159,9 @@ def reduce_partial_reads(gm: torch.fx.GraphModule) -> PassResult:
                         if _placements(example_value(node)) != _placements(saved[node]):
                             changed.add(node)
         # The paths never reach the outputs, so nothing there may change.
-        changed = [n.name for n in outputs if _placements(example_value(n)) != _placements(saved[n])]
-        if changed:
-            raise ValueError(f"the outputs {changed} would change")
+        altered = [n.name for n in outputs if _placements(example_value(n)) != _placements(saved[n])]
+        if altered:
+            raise ValueError(f"the outputs {altered} would change")
     except Exception as e:  # the graph as it was: the rewrite only saves collectives
         log.warning("fxmesh: Partial inputs left to DTensor: %s", e)
         for node, reduced in reductions.items():
