@@ -21,9 +21,8 @@ input reduced on those dims (:func:`fxmesh.meshes.partial_reduced`) instead,
 and the example values of the ops whose inputs' placements changed are
 computed again.  The values are the same: a ``Partial`` DTensor and its
 reduction are one logical tensor, and an in-place op keeps its destination's
-placements.  The reductions are placed
-next to each other where they can be, where :mod:`fxmesh.local` all-reduces
-them as one buffer.
+placements.  The reductions are placed next to each other where they can be,
+where :mod:`fxmesh.local` all-reduces them as one buffer.
 """
 
 from __future__ import annotations
