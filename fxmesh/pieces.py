@@ -1,4 +1,4 @@
-"""Compile a lowered optimizer step in pieces, each repeated piece once.
+"""Compile an optimizer step in pieces, each repeated piece once.
 
 After fxmesh's lowering an optimizer step is a row of independent updates:
 the parameters of one scalar table (at most :data:`fxmesh.lowering.TABLE_ROWS`
@@ -21,6 +21,14 @@ same metadata are batched, about :data:`PIECE_NODES` nodes per batch; a batch
 that repeats is compiled once and called with every such batch's tensors.
 The rest (nodes the lowering did not emit first, then components that do not
 repeat) is one more piece, run first.
+
+A step fxmesh does not lower (foreach or for-loop) is independent updates
+too, one per parameter: its foreach calls are written one call per list
+entry first (:func:`fxmesh.unroll.per_entry`), and the nodes that read the
+parameters' tensors (inputs with a dimension, or written) are the components;
+what runs before them (the norm and clip coefficient of clipping compiled
+with the step) is the rest.  Foreach AdamW, 1000 parameters on two meshes:
+196 s compiled whole, 62 s in pieces (2-core CPU, ``bench/RESULTS.md`` run Z).
 
 Clipping compiled with the step splits too: the gradients' norm and the clip
 coefficient are that first piece, which returns the coefficient (any 0-dim
@@ -63,6 +71,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from fxmesh.local import SHARD
 from fxmesh.lowering import LOWERED_META
+from fxmesh.unroll import per_entry
 
 __all__ = ["PIECE_NODES", "compile_in_pieces"]
 
@@ -92,13 +101,19 @@ class _Components:
         self.parent[self.find(a)] = self.find(b)
 
 
+# ``x += 1`` on a tensor (a for-loop step's count) is ``operator.iadd`` in a Dynamo graph.
+_IN_PLACE_OPERATORS = frozenset(
+    {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow}
+)
+
+
 def _writes(node: torch.fx.Node) -> bool:
     """Whether ``node`` is an in-place op (taken to write to every tensor it reads)."""
     if node.op == "call_method":
         return node.target.endswith("_")
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.is_mutable
-    if node.target is operator.setitem:
+    if node.target in _IN_PLACE_OPERATORS:
         return True
     # An fxmesh.ops stand-in is named for the op it stands for.
     name = getattr(getattr(node.target, "wrapped_op", node.target), "__name__", "")
@@ -321,9 +336,51 @@ def _drops_grad_mode(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     return set(calls)
 
 
-def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> _Split | None:
+def _reduces(node: torch.fx.Node, leaves: dict[torch.fx.Node, Any]) -> bool:
+    """Whether ``node`` computes only 0-dim values, from some larger tensor (a gradient's norm)."""
+    inputs = [leaves[a] if a in leaves else a.meta.get("example_value") for a in node.all_input_nodes]
+    outputs = torch.utils._pytree.tree_leaves(node.meta.get("example_value"))
+    return (
+        any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in inputs)
+        and any(isinstance(v, torch.Tensor) for v in outputs)
+        and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in outputs)
+    )
+
+
+def _update_nodes(
+    calls: list[torch.fx.Node], leaves: dict[torch.fx.Node, Any], entry_leaves: set[torch.fx.Node]
+) -> list[torch.fx.Node]:
+    """The nodes of the per-parameter updates of a step fxmesh did not lower (foreach, one call per entry, or
+    for-loop): what reads the parameters' tensors (``entry_leaves``: inputs with a dimension, or written).
+
+    The rest runs before them: reductions of such tensors to 0-dim values (clipping's norm), what is computed
+    from those and nothing of the parameters' (the clip coefficient), and whatever those read.
+    """
+    updates: set[torch.fx.Node] = set()
+    before: set[torch.fx.Node] = set()
+    for node in calls:
+        inputs = node.all_input_nodes
+        if _reduces(node, leaves):
+            before.add(node)
+        elif any(a in updates or a in entry_leaves for a in inputs):
+            updates.add(node)
+        elif any(a in before for a in inputs):
+            before.add(node)
+    stack = [a for n in before for a in n.all_input_nodes if a in updates]
+    while stack:
+        node = stack.pop()
+        if node in updates:
+            updates.remove(node)
+            stack.extend(a for a in node.all_input_nodes if a in updates)
+    return [n for n in calls if n in updates]
+
+
+def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any], lowered_step: bool = True) -> _Split | None:
     """The prologue's nodes and the lowered components' nodes, or None where the graph does not split.
 
+    ``lowered_step``: the components are the nodes fxmesh's lowering emitted;
+    else (a step written one call per entry, :func:`fxmesh.unroll.per_entry`)
+    the nodes :func:`_update_nodes` finds.
     An in-place foreach call over graph inputs (the step counts' increment, the
     clip coefficient's product with the gradients) goes to the components,
     each getting the entries it reads, placed before its own nodes; entries no
@@ -332,13 +389,17 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any]) -> _Split
     graph = gm.graph
     dropped = _drops_grad_mode(graph)
     calls = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output") and n not in dropped]
-    lowered = [n for n in calls if LOWERED_META in n.meta]
-    if not lowered:
-        return None
-    lowered_set = set(lowered)
     # Inputs are compared by storage: two views of one tensor are one input here.
     storage = {leaf: _storage(value) for leaf, value in leaves.items()}
     written = {storage[a] for n in calls if _writes(n) for a in n.all_input_nodes if a in leaves}
+    if lowered_step:
+        lowered = [n for n in calls if LOWERED_META in n.meta]
+    else:
+        entry_leaves = {a for a, v in leaves.items() if v.dim() > 0 or storage[a] in written}
+        lowered = _update_nodes(calls, leaves, entry_leaves)
+    if not lowered:
+        return None
+    lowered_set = set(lowered)
     # Scalar math on shared read-only inputs (a scheduled hyperparameter's float64 tensor, read with
     # .item()) goes, copied, into every component that reads it, and ties no components together.
     scalars: set[torch.fx.Node] = set()
@@ -464,11 +525,16 @@ def _scalar_inputs(nodes: list[torch.fx.Node], scalars: set[torch.fx.Node]) -> s
 def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Compile) -> Any | None:
     """A callable like ``compile_fn(gm, example_inputs)``, compiled piece by piece; None where ``gm`` does not split.
 
-    ``gm`` is a graph over plain tensors (see :func:`fxmesh.local.localize`)
-    with nodes that fxmesh's lowering emitted.
+    ``gm`` is a graph over plain tensors (see :func:`fxmesh.local.localize`):
+    a step fxmesh lowered, or a foreach or for-loop step.
     """
+    lowered_step = any(LOWERED_META in n.meta for n in gm.graph.nodes)
+    if not lowered_step:
+        gm = per_entry(gm)
+        if gm is None:
+            return None
     leaves = _leaves(gm, example_inputs)
-    split = _split(gm, leaves) if leaves is not None else None
+    split = _split(gm, leaves, lowered_step) if leaves is not None else None
     if split is None or len(split.components) < 2:
         return None
     sources = {**leaves, **{n: n.meta.get("example_value") for n in split.carried}}

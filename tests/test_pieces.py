@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import operator
 
@@ -15,7 +16,17 @@ from torch.distributed.tensor import DTensor, Shard
 import fxmesh
 from fxmesh.local import SHARD
 from fxmesh.pieces import compile_in_pieces
-from tests.helpers import DEVICE, FP32_RTOL, assert_rel_close, dtensor_params, grads_in_buffers, local
+from tests.helpers import (
+    DEVICE,
+    FP32_RTOL,
+    assert_rel_close,
+    dtensor_params,
+    grads_in_buffers,
+    local,
+    without_comments,
+)
+from tests.test_foreach import CASES as FOREACH_CASES
+from tests.test_sgd import run_local_parity
 
 pieces_module = importlib.import_module("fxmesh.pieces")
 
@@ -353,16 +364,30 @@ def test_an_unrestored_grad_mode_keeps_the_graph_whole(monkeypatch):
     assert compile_in_pieces(gm, inputs, _eager) is None
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_clip_and_step_compile_in_pieces(dp, ep, compiler, monkeypatch):
+# How an optimizer computes its step: its torch.optim options.
+IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+
+
+@pytest.mark.parametrize(
+    "compiler, implementation",
+    [
+        ("aot_eager", "fused"),
+        ("inductor", "fused"),
+        ("aot_eager", "foreach"),
+        ("inductor", "foreach"),
+        ("aot_eager", "for-loop"),
+    ],
+)
+def test_clip_and_step_compile_in_pieces(dp, ep, compiler, implementation, monkeypatch):
     """Clipping + AdamW as one graph (the norm reads every gradient) still splits: the norm and the clip
     coefficient are the prologue, each piece scales its gradients by the coefficient and updates its parameters.
-    Against fxmesh's eager clipping and eager fused AdamW on the same DTensors, over 3 steps (fp32: 1e-5)."""
+    Against fxmesh's eager clipping and eager AdamW of the same implementation on the same DTensors, over 3
+    steps (fp32: 1e-5)."""
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
     params = _params([dp, ep], 32, [(4, 4), (4, 4), (2, 8), (2, 8)])  # per mesh, 8 of each shape
     ref = [torch.nn.Parameter(DTensor.from_local(p.to_local().clone(), p.device_mesh, p.placements)) for p in params]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
-    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **IMPLEMENTATIONS[implementation])
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, **IMPLEMENTATIONS[implementation])
 
     @torch.compile(backend=fxmesh.backend(compiler=compiler))
     def clip_and_step():
@@ -383,8 +408,10 @@ def test_clip_and_step_compile_in_pieces(dp, ep, compiler, monkeypatch):
     for i, (p, r) in enumerate(zip(params, ref)):
         assert_rel_close(p.to_local(), r.to_local(), FP32_RTOL, f"parameter {i}")
     assert counters["stats"]["unique_graphs"] == 1
-    # The prologue (norm, coefficient) first; per mesh, one piece per shape, the meshes' pieces of a shape alike.
-    assert counters["fxmesh"]["pieces"] == 5 and counters["fxmesh"]["piece_compiles"] == 3
+    # The prologue (norm, coefficient) first; then, fused, one piece per mesh and shape (a scalar table), else one
+    # per parameter; the pieces of a shape are alike on both meshes.
+    pieces = 1 + (4 if implementation == "fused" else len(params))
+    assert counters["fxmesh"]["pieces"] == pieces and counters["fxmesh"]["piece_compiles"] == 3
 
 
 def test_constants_of_other_types_are_other_computations(monkeypatch):
@@ -432,3 +459,42 @@ def test_clip_and_step_in_pieces_with_parameters_without_gradients(dp, ep, monke
         assert_rel_close(p.to_local(), r.to_local(), FP32_RTOL, f"parameter {i}")
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["fxmesh"]["pieces"] > 1 and counters["fxmesh"]["piece_compiles"] < counters["fxmesh"]["pieces"]
+
+
+# Rprop's steps stay on the DTensors (a masked assignment, and foreach copies DTensor has no rule for): no pieces.
+_PER_ENTRY_CASES = [c for c in FOREACH_CASES if not c.startswith("rprop")]
+
+
+def _foreach_parity(meshes, case: str, backend="fxmesh") -> tuple[list[torch.nn.Parameter], str]:
+    """test_foreach's ``case`` over the seven parameters of tests.helpers.dtensor_params twice over, against
+    eager on the local shards over 5 steps (1e-5); the parameters and Inductor's code."""
+    cls, options = FOREACH_CASES[case]
+    params = dtensor_params(meshes) + dtensor_params(meshes, seed=1)
+    ref_options = options
+    if "capturable" in inspect.signature(cls).parameters:
+        ref_options = {**options, "capturable": DEVICE != "cpu"}
+    _, _, code = run_local_parity(
+        lambda ps: cls(ps, **options), params, make_ref=lambda ps: cls(ps, **ref_options), backend=backend
+    )
+    return params, code
+
+
+@pytest.mark.parametrize("case", _PER_ENTRY_CASES)
+def test_foreach_and_for_loop_steps_compile_in_pieces(meshes, case, monkeypatch):
+    """Every foreach and for-loop optimizer of test_foreach splits into one piece per parameter, its foreach calls
+    written one call per entry (fxmesh.unroll), each of the seven layouts compiled once, and matches eager."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    params, _ = _foreach_parity(meshes, case, fxmesh.backend(compiler="aot_eager"))
+    # RMSprop and Adadelta never read their step counts: each count's increment is a piece of its own.
+    counts_apart = FOREACH_CASES[case][0] in (torch.optim.RMSprop, torch.optim.Adadelta)
+    assert counters["fxmesh"]["pieces"] == len(params) * (1 + counts_apart)
+    assert counters["fxmesh"]["piece_compiles"] == len(params) // 2 + counts_apart
+
+
+@pytest.mark.parametrize("case", ["adamw-foreach", "adam-for-loop", "nadam-foreach-capturable"])
+def test_foreach_and_for_loop_pieces_with_inductor(meshes, case, monkeypatch):
+    """The same with Inductor's kernels, which call no aten foreach op."""
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    params, code = _foreach_parity(meshes, case)
+    assert "aten._foreach" not in without_comments(code)
+    assert counters["fxmesh"]["pieces"] == len(params) and counters["fxmesh"]["piece_compiles"] == len(params) // 2
