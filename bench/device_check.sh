@@ -26,6 +26,9 @@
 #             reads should be left there
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
 #             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
+#   foreach   moe-shard with the foreach step, torch.optim's default on CUDA (there Dynamo makes it
+#             capturable): eager foreach, fxmesh_foreach (its foreach calls written per entry and
+#             compiled in pieces since CPU run Z, on CUDA with combo kernels; never timed on a GPU)
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten
 #   fsdp      moe-shard with FSDP2-like gradients (views of a buffer per 8 parameters,
 #             --grad-buffers): eager fused, fxmesh, fxmesh_aten. From torch 2.13 Dynamo traces such
@@ -41,7 +44,7 @@
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
 # Default: tests overhead1000 moe (stage limits 150 + 200 + 230 s: one device call of about
 # 590 s, timeout_s 595, after a machine start of about 35 s); then `bash bench/device_check.sh
-# demo overhead clip` as a second call while the machine is warm (30 s), lowering the limits to what
+# demo overhead clip foreach` as a second call while the machine is warm (30 s), lowering the limits to what
 # the session's device time allows (run 4 had 371 s left after a first call of 498 s).  Logs
 # land in $OUT (8 files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
@@ -93,6 +96,8 @@ for stage in "${@:-tests overhead1000 moe}"; do
         clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip,fxmesh_clip_whole ;;
         overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-200}" --workload overhead --profile \
             --trace-dir "$OUT/traces/overhead1000" --variants eager_fused_plain,eager_fused,fxmesh_aten,fxmesh_aten_cudagraphs ;;
+        foreach) bench moe_foreach "${FOREACH_TIMEOUT:-150}" --workload moe-shard \
+            --variants eager_fused,eager_foreach,fxmesh_foreach ;;
         moe_bf16) bench moe_bf16 "${BF16_TIMEOUT:-100}" --workload moe-shard-bf16 \
             --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten ;;
         fsdp) bench moe_fsdp "${FSDP_TIMEOUT:-120}" --workload moe-shard --grad-buffers 8 \

@@ -16,6 +16,9 @@ Variants:
   torch_compile_foreach_plain  upstream compiled foreach over plain tensors (compile-time reference)
   fxmesh             torch.compile(opt.step, backend="fxmesh") (on CUDA with combo kernels)
   fxmesh_whole       fxmesh.backend(pieces=False): the step compiled as one graph, not in pieces
+  fxmesh_foreach     torch.compile of the foreach optimizer's step with backend="fxmesh" (torch.optim's
+                     default on CUDA; fxmesh writes its foreach calls per entry and compiles it in pieces)
+  fxmesh_foreach_whole  the same with fxmesh.backend(pieces=False): upstream's foreach graph compiled whole
   fxmesh_no_combo    fxmesh.backend(combo_kernels=False) (GPU: a launch per parameter)
   fxmesh_cudagraphs  fxmesh.backend(cudagraphs=True) (GPU)
   fxmesh_aten        fxmesh.backend(fused_kernels="aten"): aten's fused kernel on each mesh's local
@@ -84,6 +87,8 @@ VARIANTS = (
     "torch_compile_foreach_plain",
     "fxmesh",
     "fxmesh_whole",
+    "fxmesh_foreach",
+    "fxmesh_foreach_whole",
     "fxmesh_no_combo",
     "fxmesh_cudagraphs",
     "fxmesh_aten",
@@ -105,6 +110,8 @@ VARIANT_BACKEND = {
     "fxmesh_aten_cudagraphs": {"fused_kernels": "aten", "cudagraphs": True},
     "fxmesh_cpp_wrapper": {"inductor_config": {"cpp_wrapper": True}},
 }
+# fxmesh.backend options of the variants that compile the foreach optimizer's step.
+FOREACH_BACKEND = {"fxmesh_foreach": {}, "fxmesh_foreach_whole": {"pieces": False}}
 GPU_ONLY = ("fxmesh_no_combo", "fxmesh_cudagraphs", "fxmesh_aten_cudagraphs")
 
 
@@ -371,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             return torch.compile(optimizer(ps, foreach=True).step), True, ps
         if variant == "fxmesh":
             return torch.compile(optimizer(ps, fused=True).step, backend="fxmesh"), True, ps
+        if variant in FOREACH_BACKEND:
+            backend = fxmesh.backend(**FOREACH_BACKEND[variant])
+            return torch.compile(optimizer(ps, foreach=True).step, backend=backend), True, ps
         if variant == "fxmesh_skip_spec_guards":
             options = {"guard_filter_fn": fxmesh.skip_guard_on_dtensor_specs_unsafe}
             return torch.compile(optimizer(ps, fused=True).step, backend="fxmesh", options=options), True, ps
