@@ -465,6 +465,12 @@ def test_clip_and_step_in_pieces_with_parameters_without_gradients(dp, ep, monke
 _PER_ENTRY_CASES = [c for c in FOREACH_CASES if not c.startswith("rprop")]
 
 
+def _stays_on_dtensors(case: str) -> bool:
+    """Torch 2.11's DTensor rule for ``_foreach_mul(scalars, grads)`` (foreach NAdam, its scalars first) makes the
+    products Replicate, all-gathering the gradients (eagerly too): that step is no local math, so no pieces."""
+    return case.startswith("nadam-foreach") and torch.__version__ < "2.12"
+
+
 def _foreach_parity(meshes, case: str, backend="fxmesh") -> tuple[list[torch.nn.Parameter], str]:
     """test_foreach's ``case`` over the seven parameters of tests.helpers.dtensor_params twice over, against
     eager on the local shards over 5 steps (1e-5); the parameters and Inductor's code."""
@@ -485,6 +491,9 @@ def test_foreach_and_for_loop_steps_compile_in_pieces(meshes, case, monkeypatch)
     written one call per entry (fxmesh.unroll), each of the seven layouts compiled once, and matches eager."""
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
     params, _ = _foreach_parity(meshes, case, fxmesh.backend(compiler="aot_eager"))
+    if _stays_on_dtensors(case):
+        assert counters["fxmesh"]["local_shard_graphs"] == 0 and counters["fxmesh"]["pieces"] == 0
+        return
     # RMSprop and Adadelta never read their step counts: each count's increment is a piece of its own.
     counts_apart = FOREACH_CASES[case][0] in (torch.optim.RMSprop, torch.optim.Adadelta)
     assert counters["fxmesh"]["pieces"] == len(params) * (1 + counts_apart)
@@ -496,5 +505,8 @@ def test_foreach_and_for_loop_pieces_with_inductor(meshes, case, monkeypatch):
     """The same with Inductor's kernels, which call no aten foreach op."""
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
     params, code = _foreach_parity(meshes, case)
+    if _stays_on_dtensors(case):
+        assert counters["fxmesh"]["local_shard_graphs"] == 0 and counters["fxmesh"]["pieces"] == 0
+        return
     assert "aten._foreach" not in without_comments(code)
     assert counters["fxmesh"]["pieces"] == len(params) and counters["fxmesh"]["piece_compiles"] == len(params) // 2
