@@ -6,8 +6,9 @@ every parameter's entry of its lists.  Each entry is computed on its own, so
 the step is independent per-parameter updates, as fxmesh's lowering of a fused
 step is, but every call ties all parameters together and :mod:`fxmesh.pieces`
 cannot split it: Inductor compiles the whole list, with compile time growing
-with the parameters (foreach AdamW, 200 parameters on two meshes: 136 s cold
-on the 2-core CPU box, against 25 s for the fused step in pieces).
+faster than the parameters (foreach AdamW on two meshes, 2-core CPU box, cold:
+42 s for 200 parameters, 196 s for 1000; in pieces 62 s, ``bench/RESULTS.md``
+run Z).
 
 :func:`per_entry` copies such a graph (over local shards: plain tensors) with
 every foreach call written as the per-entry op, once per entry, where the
