@@ -59,6 +59,7 @@ __all__ = [
     "is_redistribution",
     "is_to_local",
     "localize",
+    "op_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,11 +175,11 @@ def _is_elementwise(node: torch.fx.Node) -> bool:
         return torch.Tag.pointwise in node.target.tags
     if node.target in _ELEMENTWISE_FUNCTIONS:
         return True
-    name = _op_name(node)
+    name = op_name(node)
     return name.startswith("_foreach_") and name not in _REDUCING_FOREACH
 
 
-def _op_name(node: torch.fx.Node) -> str:
+def op_name(node: torch.fx.Node) -> str:
     """The name of the torch function a node calls, or "" (an fxmesh.ops stand-in names the op it stands for)."""
     target = getattr(node.target, "wrapped_op", node.target)
     name = getattr(target, "__name__", "")
@@ -412,7 +413,7 @@ def input_writers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx
             targets = [t for name in written for t in bound[name]]
         elif node.op == "call_method" and node.target.endswith("_"):
             targets = [node.args[0]]
-        elif node.op == "call_function" and _op_name(node).endswith("_"):
+        elif node.op == "call_function" and op_name(node).endswith("_"):
             first = node.args[0] if node.args else None
             targets = list(first) if isinstance(first, (list, tuple)) else [first]
         else:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxmesh.local import op_name
 from fxmesh.meshes import example_value
 
 __all__ = ["PER_ENTRY", "per_entry"]
@@ -52,13 +53,8 @@ _WITH_A_SCALAR = {"maximum": "clamp_min", "minimum": "clamp_max"}
 
 def _foreach_name(node: torch.fx.Node) -> str | None:
     """``X_`` or ``X`` of a ``torch._foreach_X_``/``torch._foreach_X`` call (or an fxmesh.ops stand-in for one)."""
-    if node.op != "call_function":
-        return None
-    op = getattr(node.target, "wrapped_op", node.target)
-    name = getattr(op, "__name__", "")
-    if not name.startswith("_foreach_") or getattr(torch, name, None) is not op:
-        return None
-    return name[len("_foreach_") :]
+    name = op_name(node)
+    return name[len("_foreach_") :] if name.startswith("_foreach_") else None
 
 
 def _value(gm: torch.fx.GraphModule, node: Any) -> Any:
