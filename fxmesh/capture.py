@@ -64,6 +64,20 @@ source Dynamo gives it (``GradSource``): it gets the sizes Dynamo gives any
 tensor passed in (static, or what automatic dynamic shapes decided for that
 source), and the tensor's fake ``.grad`` is that fake tensor.
 
+Last, the parameters' guards.  Dynamo guards an optimizer's parameters by id:
+the step's first read of ``param_groups`` marks them static and guarded
+(``mark_static_address(p, guard=True)``), and a tensor so marked is wrapped with
+an id match only.  Clipping ahead of the step reads every ``p.grad`` before
+that, so each parameter is wrapped as a graph input with a tensor match, and
+its spec and local tensor guarded, all evaluated on every call: at 1,000
+parameters, 7.8 ms of guards per call against 5.5 (``bench/RESULTS.md``, CPU
+run AA).  Where the backend streamlines guards (its default), a trace that
+reaches the optimizer with its parameters already graph inputs is restarted
+once (Dynamo's ``RestartAnalysis``), and the new trace wraps them as the step
+would.  Wrapping an ``nn.Module`` (``model.parameters()``) marks its
+parameters static but unguarded, over the optimizer's mark; in these frames a
+guarded mark is kept.
+
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.
 """
@@ -76,17 +90,20 @@ from typing import Any
 
 import torch
 from torch._dynamo import utils as dynamo_utils
+from torch._dynamo.exc import RestartAnalysis
 from torch._dynamo.source import AttrSource, GradSource
 from torch._dynamo.variables import builder
 from torch._dynamo.variables.constant import ConstantVariable
 from torch._dynamo.variables.functions import SkipFunctionVariable, UserFunctionVariable
 from torch._dynamo.variables.lists import BaseListVariable
+from torch._dynamo.variables.optimizer import OptimizerVariable
 from torch._dynamo.variables.tensor import TensorVariable
 from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fxmesh import clip
 from fxmesh.meshes import call_foreach_per_entry, distinct_meshes
@@ -155,16 +172,26 @@ def _compiling_with_fxmesh(tx: Any) -> bool:
 
 def _output_compiled_with_fxmesh(output: Any) -> bool:
     """Whether Dynamo's output graph ``output`` goes to an fxmesh backend."""
+    return _fxmesh_backend(output) is not None
+
+
+def _fxmesh_backend(output: Any) -> Any:
+    """The fxmesh backend Dynamo's output graph ``output`` goes to, or None."""
     from fxmesh.backend import FxmeshBackend
 
     fn = getattr(output, "compiler_fn", None)
     seen = set()
     while fn is not None and id(fn) not in seen:
         if isinstance(fn, FxmeshBackend):
-            return True
+            return fn
         seen.add(id(fn))
         fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
-    return False
+    return None
+
+
+def _streamlining_guards(tx: Any) -> bool:
+    backend = _fxmesh_backend(tx.output)
+    return backend is not None and backend.streamline_guards
 
 
 def _traced_values(var: Any) -> list[Any]:
@@ -224,6 +251,31 @@ def _view_grad(e: Any) -> torch.Tensor | None:
     return grad if grad is not None and _holds_a_view(grad) else None
 
 
+# Parameters a trace was restarted for: never again, whatever keeps them graph inputs the second time.
+_RESTARTED_FOR: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _restart_if_parameters_are_inputs(optimizer: torch.optim.Optimizer, tx: Any) -> None:
+    """Trace the frame again where it took ``optimizer``'s parameters as inputs before the optimizer marked them.
+
+    Dynamo marks an optimizer's parameters as static, guarded by id, when the
+    step reads ``param_groups``.  A parameter it wrapped before that (clipping
+    ahead of the step reads each ``p.grad``) stays a graph input with a tensor
+    match and guards on its spec and local tensor, which Dynamo evaluates on
+    every call.  Traced again, the marked parameters are wrapped as the step
+    would wrap them.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = {id(p) for p in params}
+    inputs = [arg.example for arg in tx.output.graphargs if isinstance(arg.example, torch.Tensor)]
+    wrapped = [t for t in inputs if id(t) in ids and t not in _RESTARTED_FOR]
+    if not wrapped:
+        return
+    for t in wrapped:
+        _RESTARTED_FOR[t] = True
+    raise RestartAnalysis(restart_reason=f"fxmesh: {len(wrapped)} optimizer parameters were traced as graph inputs")
+
+
 @functools.cache
 def install() -> None:
     """Install the scoped hook (idempotent)."""
@@ -232,6 +284,8 @@ def install() -> None:
     dynamo_call_user_function = UserFunctionVariable.call_function
     dynamo_wrap_to_fake = builder.wrap_to_fake_tensor_and_record
     dynamo_run_node = dynamo_utils.run_node
+    dynamo_set_capturable = OptimizerVariable._set_capturable
+    dynamo_mark_static_input = builder.VariableBuilder.mark_static_input
 
     def record_stand_in(stand_in: Any, tx: Any, args: Any, kwargs: Any) -> Any:
         return dynamo_call_in_graph(TorchInGraphFunctionVariable(stand_in), tx, args, kwargs)
@@ -293,7 +347,24 @@ def install() -> None:
                 pass
         return dynamo_run_node(tracer, node, args, kwargs, nnmodule)
 
+    # Dynamo calls this right after it marks the optimizer's parameters static, on each read of
+    # ``param_groups`` in a trace (torch 2.11-2.14).
+    @functools.wraps(dynamo_set_capturable)
+    def set_capturable(self: OptimizerVariable, tx: Any) -> None:
+        if _streamlining_guards(tx):
+            _restart_if_parameters_are_inputs(self.value, tx)
+        dynamo_set_capturable(self, tx)
+
+    # Wrapping an nn.Module marks its parameters static but unguarded, over the optimizer's mark.
+    @functools.wraps(dynamo_mark_static_input)
+    def mark_static_input(self: builder.VariableBuilder, value: torch.Tensor, guard: bool) -> None:
+        if not guard and dynamo_utils.get_static_address_type(value) == "guarded" and _streamlining_guards(self.tx):
+            guard = True
+        dynamo_mark_static_input(self, value, guard)
+
     builder.wrap_to_fake_tensor_and_record = wrap_to_fake
+    builder.VariableBuilder.mark_static_input = mark_static_input
+    OptimizerVariable._set_capturable = set_capturable
     dynamo_utils.run_node = run_node
     SkipFunctionVariable.call_function = call_function
     TorchInGraphFunctionVariable.call_function = call_in_graph

@@ -163,3 +163,50 @@ def test_spec_guard_compares_a_spec_again_once_it_is_assigned(meshes, streamline
     assert seen == [(False, identical)] * 2
     assert assigned == [(False, 1), (False, identical)]
     assert changed[0], "a spec changed in place was accepted"
+
+
+@pytest.mark.parametrize("clipped", ["list", "module"])
+def test_clip_then_step_guards_parameters_by_id(meshes, clipped):
+    """Clipping ahead of the step traces each parameter before the optimizer marks it static; the
+    frame is traced again, so per call the parameters are guarded by id as in a bare step: a spec
+    guard for each gradient, none for an optimizer's parameter, whether clipping reads a list or
+    ``model.parameters()`` (which marks them static but unguarded). A clipped parameter outside
+    the optimizer keeps its own guards. Clip + step match eager over 3 steps and compile once."""
+    from tests.helpers import local, rtol_for
+
+    checks = []
+    spec_match = fxmesh.guards._SpecMatch.__call__
+
+    def counting(self, spec):
+        checks.append(True)
+        return spec_match(self, spec)
+
+    params = dtensor_params(meshes)
+    eager_params = clone_params(params)
+    frozen, eager_frozen = clone_params(params[:1]), clone_params(params[:1])  # clipped, not stepped
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    eager_opt = torch.optim.AdamW(eager_params, lr=1e-2, fused=True)
+    model = torch.nn.Module()
+    for i, p in enumerate(params + frozen):
+        model.register_parameter(f"p{i}", p)
+
+    def clip_and_step():
+        norm = torch.nn.utils.clip_grad_norm_(params + frozen if clipped == "list" else model.parameters(), 0.5)
+        opt.step()
+        return norm
+
+    step = torch.compile(clip_and_step, backend="fxmesh")
+    with mock.patch.object(fxmesh.guards._SpecMatch, "__call__", counting):
+        for s in range(3):
+            set_grads([params + frozen, eager_params + eager_frozen], s)
+            checks.clear()
+            norm = step()
+            eager_norm = fxmesh.clip_grad_norm_(eager_params + eager_frozen, 0.5)
+            eager_opt.step()
+            torch.testing.assert_close(norm, eager_norm, rtol=rtol_for(torch.float32), atol=0)
+            assert_same_state(opt, eager_opt)
+            for p, e in zip(frozen, eager_frozen):
+                torch.testing.assert_close(local(p.grad), local(e.grad), rtol=rtol_for(torch.float32), atol=0)
+    # Every gradient's spec, and the frozen parameter's own; before the new trace, every parameter's too.
+    assert len(checks) == len(params) + 2 * len(frozen), f"{len(checks)} spec guard calls on the last call"
+    assert torch._dynamo.utils.counters["fxmesh"]["graphs"] == 1
