@@ -71,12 +71,13 @@ an id match only.  Clipping ahead of the step reads every ``p.grad`` before
 that, so each parameter is wrapped as a graph input with a tensor match, and
 its spec and local tensor guarded, all evaluated on every call: at 1,000
 parameters Dynamo's guard check took 2.19 ms, and 1.19 ms with the parameters
-guarded by id (``bench/RESULTS.md``, CPU run AA).  Where the backend streamlines guards (its default), a trace that
-reaches the optimizer with its parameters already graph inputs is restarted
-once (Dynamo's ``RestartAnalysis``), and the new trace wraps them as the step
-would.  Wrapping an ``nn.Module`` (``model.parameters()``) marks its
-parameters static but unguarded, over the optimizer's mark; in these frames a
-guarded mark is kept.
+guarded by id (``bench/RESULTS.md``, CPU run AA).  Where the backend
+streamlines guards (its default), a trace that reaches the optimizer with its
+parameters already graph inputs is restarted once (Dynamo's
+``RestartAnalysis``), and the new trace wraps them as the step would.
+Wrapping an ``nn.Module`` (``model.parameters()``) marks its parameters static
+but unguarded, over the optimizer's mark; in these frames a guarded mark is
+kept.
 
 Every other call, and every call under any other backend, takes Dynamo's own
 path unchanged.

@@ -10,7 +10,7 @@ import torch
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 import fxmesh
-from tests.helpers import assert_same_state, clone_params, dtensor_params, set_grads
+from tests.helpers import assert_same_state, clone_params, dtensor_params, local, rtol_for, set_grads
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["default-guards", "skip-spec-guards"])
@@ -172,8 +172,6 @@ def test_clip_then_step_guards_parameters_by_id(meshes, clipped):
     guard for each gradient, none for an optimizer's parameter, whether clipping reads a list or
     ``model.parameters()`` (which marks them static but unguarded). A clipped parameter outside
     the optimizer keeps its own guards. Clip + step match eager over 3 steps and compile once."""
-    from tests.helpers import local, rtol_for
-
     checks = []
     spec_match = fxmesh.guards._SpecMatch.__call__
 
