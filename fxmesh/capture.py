@@ -285,8 +285,9 @@ def install() -> None:
     dynamo_call_user_function = UserFunctionVariable.call_function
     dynamo_wrap_to_fake = builder.wrap_to_fake_tensor_and_record
     dynamo_run_node = dynamo_utils.run_node
-    dynamo_set_capturable = OptimizerVariable._set_capturable
-    dynamo_mark_static_input = builder.VariableBuilder.mark_static_input
+    # Private hooks of torch 2.11-2.14; where a later torch has none, parameters keep Dynamo's guards.
+    dynamo_set_capturable = getattr(OptimizerVariable, "_set_capturable", None)
+    dynamo_mark_static_input = getattr(builder.VariableBuilder, "mark_static_input", None)
 
     def record_stand_in(stand_in: Any, tx: Any, args: Any, kwargs: Any) -> Any:
         return dynamo_call_in_graph(TorchInGraphFunctionVariable(stand_in), tx, args, kwargs)
@@ -349,23 +350,22 @@ def install() -> None:
         return dynamo_run_node(tracer, node, args, kwargs, nnmodule)
 
     # Dynamo calls this right after it marks the optimizer's parameters static, on each read of
-    # ``param_groups`` in a trace (torch 2.11-2.14).
-    @functools.wraps(dynamo_set_capturable)
+    # ``param_groups`` in a trace.
     def set_capturable(self: OptimizerVariable, tx: Any) -> None:
         if _streamlining_guards(tx):
             _restart_if_parameters_are_inputs(self.value, tx)
         dynamo_set_capturable(self, tx)
 
     # Wrapping an nn.Module marks its parameters static but unguarded, over the optimizer's mark.
-    @functools.wraps(dynamo_mark_static_input)
     def mark_static_input(self: builder.VariableBuilder, value: torch.Tensor, guard: bool) -> None:
         if not guard and dynamo_utils.get_static_address_type(value) == "guarded" and _streamlining_guards(self.tx):
             guard = True
         dynamo_mark_static_input(self, value, guard)
 
     builder.wrap_to_fake_tensor_and_record = wrap_to_fake
-    builder.VariableBuilder.mark_static_input = mark_static_input
-    OptimizerVariable._set_capturable = set_capturable
+    if dynamo_set_capturable is not None and dynamo_mark_static_input is not None:
+        builder.VariableBuilder.mark_static_input = functools.wraps(dynamo_mark_static_input)(mark_static_input)
+        OptimizerVariable._set_capturable = functools.wraps(dynamo_set_capturable)(set_capturable)
     dynamo_utils.run_node = run_node
     SkipFunctionVariable.call_function = call_function
     TorchInGraphFunctionVariable.call_function = call_in_graph
