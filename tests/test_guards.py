@@ -13,9 +13,9 @@ import fxmesh
 from tests.helpers import assert_same_state, clone_params, dtensor_params, local, rtol_for, set_grads
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["default-guards", "skip-spec-guards"])
-def test_skip_guard_on_dtensor_specs(meshes, skip):
-    """With the filter no DTensor spec guard runs on later calls; the step still matches eager and compiles once."""
+@contextlib.contextmanager
+def _counting_spec_guards():
+    """Record each call of fxmesh's spec guard; yields the list of calls."""
     checks = []
     spec_match = fxmesh.guards._SpecMatch.__call__
 
@@ -23,12 +23,19 @@ def test_skip_guard_on_dtensor_specs(meshes, skip):
         checks.append(True)
         return spec_match(self, spec)
 
+    with mock.patch.object(fxmesh.guards._SpecMatch, "__call__", counting):
+        yield checks
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["default-guards", "skip-spec-guards"])
+def test_skip_guard_on_dtensor_specs(meshes, skip):
+    """With the filter no DTensor spec guard runs on later calls; the step still matches eager and compiles once."""
     params = dtensor_params(meshes)
     eager_params = clone_params(params)
     opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2), fused=True)
     eager_opt = torch.optim.AdamW(eager_params, lr=torch.tensor(1e-2), fused=True)
     options = {"guard_filter_fn": fxmesh.skip_guard_on_dtensor_specs_unsafe} if skip else {}
-    with mock.patch.object(fxmesh.guards._SpecMatch, "__call__", counting):
+    with _counting_spec_guards() as checks:
         step = torch.compile(opt.step, backend="fxmesh", options=options)
         for s in range(3):
             set_grads([params, eager_params], s)
@@ -172,13 +179,6 @@ def test_clip_then_step_guards_parameters_by_id(meshes, clipped):
     guard for each gradient, none for an optimizer's parameter, whether clipping reads a list or
     ``model.parameters()`` (which marks them static but unguarded). A clipped parameter outside
     the optimizer keeps its own guards. Clip + step match eager over 3 steps and compile once."""
-    checks = []
-    spec_match = fxmesh.guards._SpecMatch.__call__
-
-    def counting(self, spec):
-        checks.append(True)
-        return spec_match(self, spec)
-
     params = dtensor_params(meshes)
     eager_params = clone_params(params)
     frozen, eager_frozen = clone_params(params[:1]), clone_params(params[:1])  # clipped, not stepped
@@ -194,7 +194,7 @@ def test_clip_then_step_guards_parameters_by_id(meshes, clipped):
         return norm
 
     step = torch.compile(clip_and_step, backend="fxmesh")
-    with mock.patch.object(fxmesh.guards._SpecMatch, "__call__", counting):
+    with _counting_spec_guards() as checks:
         for s in range(3):
             set_grads([params + frozen, eager_params + eager_frozen], s)
             checks.clear()
