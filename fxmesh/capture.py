@@ -266,8 +266,7 @@ def _restart_if_parameters_are_inputs(optimizer: torch.optim.Optimizer, tx: Any)
     every call.  Traced again, the marked parameters are wrapped as the step
     would wrap them.
     """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ids = {id(p) for p in params}
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     inputs = [arg.example for arg in tx.output.graphargs if isinstance(arg.example, torch.Tensor)]
     wrapped = [t for t in inputs if id(t) in ids and t not in _RESTARTED_FOR]
     if not wrapped:
