@@ -267,8 +267,8 @@ def _restart_if_parameters_are_inputs(optimizer: torch.optim.Optimizer, tx: Any)
     would wrap them.
     """
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    inputs = [arg.example for arg in tx.output.graphargs if isinstance(arg.example, torch.Tensor)]
-    wrapped = [t for t in inputs if id(t) in ids and t not in _RESTARTED_FOR]
+    inputs = (arg.example for arg in tx.output.graphargs)
+    wrapped = [t for t in inputs if isinstance(t, torch.Tensor) and id(t) in ids and t not in _RESTARTED_FOR]
     if not wrapped:
         return
     for t in wrapped:
