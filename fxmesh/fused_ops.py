@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxmesh.errors import UnsupportedInputError
+from fxmesh.meshes import source_name
 from fxmesh.ops import fused_adagrad_, fused_adam_, fused_adamw_, fused_sgd_
 
 __all__ = ["FUSED_OPS", "FusedOp", "bind", "fused_op"]
@@ -58,11 +60,34 @@ def fused_op(node: torch.fx.Node) -> FusedOp | None:
 
 
 def bind(node: torch.fx.Node, op: FusedOp) -> dict[str, Any]:
-    """``node``'s arguments by name: lists as lists of nodes, the rest as given."""
+    """``node``'s arguments by name: lists as lists of nodes, the rest as given.
+
+    Raises :class:`UnsupportedInputError` for a list entry that is not a tensor
+    (the kernel takes none; eagerly the call fails too).
+    """
     if len(node.args) > len(op.list_args):
         raise ValueError(f"{node.format_node()}: too many positional arguments for {op.name}")
     bound = dict(zip(op.list_args, node.args))
     bound.update(node.kwargs)
     for name in op.list_args:
         bound[name] = list(bound.get(name) or ())
+        for i, entry in enumerate(bound[name]):
+            if not isinstance(entry, torch.fx.Node):
+                raise UnsupportedInputError(_not_a_tensor(op, name, i, entry, bound))
     return bound
+
+
+def _not_a_tensor(op: FusedOp, name: str, i: int, entry: Any, bound: dict[str, Any]) -> str:
+    params = bound[op.list_args[0]]
+    param = f" ({source_name(params[i])})" if i < len(params) and isinstance(params[i], torch.fx.Node) else ""
+    message = (
+        f"fused {op.name}: {name}[{i}] is {entry!r}, not a tensor, for parameter {i}{param}; the fused kernel "
+        "takes a tensor for every parameter (eagerly this call fails too)"
+    )
+    if name == "momentum_buffer_list":
+        message += (
+            ". torch.optim's fused SGD creates momentum buffers only on a step where no parameter has one, so a "
+            "parameter that first had a gradient after the others' first step() has none: give every parameter a "
+            "gradient on the first step (zeros will do), or use SGD(foreach=...), which creates it"
+        )
+    return message

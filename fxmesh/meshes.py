@@ -34,6 +34,7 @@ __all__ = [
     "partial_reduced",
     "redistributed_like",
     "replicate",
+    "source_name",
 ]
 
 
@@ -57,6 +58,15 @@ def example_value(node: torch.fx.Node) -> Any:
     if "example_value" in node.meta:
         return node.meta["example_value"]
     return node.meta.get("val")
+
+
+def source_name(node: torch.fx.Node) -> str:
+    """How an error names ``node``: where the user's code reads it (``L['opt'].param_groups[0]['params'][1]``)
+    when Dynamo recorded that, a parameter's graph attribute, or else the node's name."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is not None:
+        return grapharg.source.name
+    return str(node.target) if node.op == "get_attr" else node.name
 
 
 def describe_mesh(mesh: DeviceMesh) -> str:

@@ -19,8 +19,10 @@ gradients only when it unscales them (``grad_scale``): the ``*_unscale_`` ops
 declare them written, the others read-only, so a step without GradScaler bumps
 no gradient's version counter.  A call whose hyperparameters Dynamo made
 symbolic (a float a scheduler changes every step) is left for the lowering,
-which takes them as float64 tensors; so is a call where some parameter's
-gradient or state is laid out otherwise than the parameter (see :func:`_laid_out_alike`).
+which takes them as float64 tensors; so is a call with tensor betas (the
+kernel takes floats, which eager reads off the tensors on every call), and a
+call where some parameter's gradient or state is laid out otherwise than the
+parameter (see :func:`_laid_out_alike`).
 
 Pre: after ``split_by_mesh``, and after :func:`fxmesh.local.localize` has
 turned the graph's DTensors into their local shards where it can: calls over
@@ -101,7 +103,8 @@ _OP_NAMES = {name for name, _ in ATEN_FUSED_ADAM_OPS}
 
 
 def _keeps_aten_kernel(args: dict[str, object]) -> bool:
-    """Whether a call's hyperparameters are constants (or a tensor lr), its tensors plain and laid out alike."""
+    """Whether a call's hyperparameters are constants (or a tensor lr: not tensor betas), its tensors plain and
+    laid out alike."""
     for name in _HYPERPARAMETERS:
         value = args[name]
         if isinstance(value, torch.fx.Node) and not (name == "lr" and isinstance(example_value(value), torch.Tensor)):

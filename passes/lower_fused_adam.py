@@ -15,8 +15,9 @@ grad``.  Everywhere the elementwise part runs in the parameter's opmath type
 gradient; ``found_inf == 1`` leaves every tensor unchanged.  Results are written
 back with ``copy_``, after all of a parameter's math, so the call stays in place.
 A float hyperparameter that Dynamo made symbolic (a scheduler changes it every
-step) arrives as a 0-dim float64 tensor and enters the same math; a weight
-decay that is 0 on some step skips its term on that call.
+step) arrives as a 0-dim float64 tensor and enters the same math, as do a
+tensor lr and tensor betas (on the CPU in float64: the kernel reads them as
+doubles); a weight decay that is 0 on some step skips its term on that call.
 
 The per-parameter scalars of one call are computed together, as a
 ``(rows, 2)`` table on the local step tensors for every
@@ -87,10 +88,13 @@ def _scalar_table(steps: list[Proxy], lr: Hyper, beta1: Hyper, beta2: Hyper, dty
     """``(len(steps), 2)`` table in ``dtype``: per parameter, step size and sqrt of bias correction 2."""
     device = example_value(steps[0].node).device
     steps_t = stack_scalars([local(step).to(dtype) for step in steps], device)
-    lr_t = local(lr).to(dtype) if isinstance(lr, Proxy) else lr
-    bias_correction1 = 1 - torch.pow(scalar(beta1, dtype), steps_t)
-    bias_correction2_sqrt = (1 - torch.pow(scalar(beta2, dtype), steps_t)).sqrt()
-    return materialized(torch.stack([divided(lr_t, bias_correction1), bias_correction2_sqrt], dim=1), [2, 1])
+
+    def on_steps(x: Hyper) -> Hyper:  # a tensor hyperparameter as an operand of the local step math
+        return local(x).to(dtype) if isinstance(x, Proxy) else x
+
+    bias_correction1 = 1 - torch.pow(on_steps(beta1), steps_t)
+    bias_correction2_sqrt = (1 - torch.pow(on_steps(beta2), steps_t)).sqrt()
+    return materialized(torch.stack([divided(on_steps(lr), bias_correction1), bias_correction2_sqrt], dim=1), [2, 1])
 
 
 def _adam_update(
@@ -155,6 +159,11 @@ def _adam_update(
     write_back([(param, p), *outputs, *grad_outputs], found_inf)
 
 
+def _as_float64(x: Hyper) -> Hyper:
+    """A tensor hyperparameter in float64 (a new node only where it is not float64 already); a float as it is."""
+    return x.to(torch.float64) if isinstance(x, Proxy) and example_value(x.node).dtype != torch.float64 else x
+
+
 def _gpu_kernel(device: torch.device) -> bool:
     """Whether to follow the GPU kernels' arithmetic (CUDA, MPS) rather than the CPU kernel's."""
     return device.type != "cpu"
@@ -167,13 +176,18 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     gpu_kernel = _gpu_kernel(first.device)
     # The GPU kernels (CUDA, MPS) hold the hyperparameters and the per-tensor
     # scalars in the opmath type; the CPU kernel computes in float64.
-    hyper = {k: proxy(args[k]) for k in _HYPERPARAMETERS}
+    # torch.optim takes a tensor lr and tensor betas; the CPU kernel reads them as doubles (lr is cast where
+    # it is used).
+    given = {k: proxy(args[k]) for k in _HYPERPARAMETERS}
     if gpu_kernel:
-        hyper = {k: v if k == "lr" and isinstance(v, Proxy) else rounded(v, opmath) for k, v in hyper.items()}
+        hyper = {k: v if k == "lr" and isinstance(v, Proxy) else rounded(v, opmath) for k, v in given.items()}
+    else:
+        hyper = {k: v if k == "lr" else _as_float64(v) for k, v in given.items()}
     table_dtype = opmath if gpu_kernel else torch.float64
     lr = hyper["lr"]
     for rows in table_groups(params):
-        table = _scalar_table([proxy(steps[i]) for i in rows], lr, hyper["beta1"], hyper["beta2"], table_dtype)
+        # The table's math is on the local step tensors, so it takes the given values (local() reads their metadata).
+        table = _scalar_table([proxy(steps[i]) for i in rows], given["lr"], given["beta1"], given["beta2"], table_dtype)
         laid_out = laid_out_like_each([proxy(grads[i]) for i in rows], [proxy(params[i]) for i in rows])
         for row, i in enumerate(rows):
             _adam_update(

@@ -44,6 +44,7 @@ from fxmesh.meshes import (
     node_mesh_key,
     propagate_example_value,
     replicate,
+    source_name,
 )
 
 __all__ = ["MESH_GROUPS_META", "split_by_mesh"]
@@ -74,8 +75,8 @@ def _entry_keys(node: torch.fx.Node, op: FusedOp, args: dict[str, Any]) -> list[
                 continue  # a plain scalar is made mesh-local below
             if key != keys[i]:
                 raise UnsupportedInputError(
-                    f"fused {op.name}: parameter {i} ({params[i].name}) is on {keys[i]} "
-                    f"but its {name} entry ({entry.name}) is on {key}"
+                    f"fused {op.name}: parameter {i} ({source_name(params[i])}) is on {keys[i]} "
+                    f"but its {name} entry ({source_name(entry)}) is on {key}"
                 )
     return keys
 

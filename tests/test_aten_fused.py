@@ -28,7 +28,7 @@ from tests.helpers import (
     set_grads,
     without_comments,
 )
-from tests.test_adam import STEPS, adam_with_options, unexpected_graph_breaks
+from tests.test_adam import STEPS, adam_with_options, adamw_with_tensor_betas, run_parity, unexpected_graph_breaks
 from tests.test_sgd import run_local_parity
 
 ATEN = fxmesh.backend(fused_kernels="aten")
@@ -170,6 +170,19 @@ def test_scheduled_float_lr_is_lowered(meshes):
     assert counters["fxmesh"]["aten_fused_calls"] == 3  # the first graph, with lr a constant
     assert counters["fxmesh"]["lowered_nodes"] == 3  # the recompiled one, one call per mesh
     assert counters["fxmesh"]["eager_fallbacks"] == 0
+
+
+def test_tensor_betas_are_lowered(meshes):
+    """Tensor betas: aten's kernel takes floats, which eager reads off the tensors on every call; such a call is
+    lowered, and follows betas changed in place."""
+
+    def new_betas(s, *opts):
+        for opt in opts:
+            opt.param_groups[1]["betas"][0].fill_(0.3 - 0.05 * s)
+
+    run_parity(adamw_with_tensor_betas(torch.float32), dtensor_params(meshes), before_step=new_betas, backend=ATEN)
+    assert counters["fxmesh"]["aten_fused_calls"] == 0 and counters["fxmesh"]["lowered_nodes"] >= 3
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_graph_on_dtensors_is_lowered(meshes):

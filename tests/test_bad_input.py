@@ -54,6 +54,27 @@ def test_grad_on_another_mesh_names_the_parameter(meshes):
         torch.compile(opt.step, backend="fxmesh")()
 
 
+def test_fused_sgd_parameter_without_momentum_buffer_is_named(meshes):
+    """Fused SGD creates momentum buffers only on a step where no parameter has one, so a parameter whose first
+    gradient comes a step late has none, and torch.optim passes None beside the others' buffers: eagerly (over
+    plain tensors) a TypeError; compiled, an error naming the parameter, the cause and what to do."""
+
+    def two_steps(params, step):
+        for none_at in [(1,), ()]:
+            for i, p in enumerate(params):
+                p.grad = None if i in none_at else torch.ones_like(p)
+            step()
+
+    plain = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    with pytest.raises(TypeError):
+        two_steps(plain, torch.optim.SGD(plain, lr=0.1, momentum=0.9, fused=True).step)
+    params = dtensor_params(meshes)[:3]
+    step = torch.compile(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True).step, backend="fxmesh")
+    named = r"momentum_buffer_list\[1\] is None.*parameter 1 \(\S*params\S*1\).*first step"
+    with pytest.raises(Exception, match=named):
+        two_steps(params, step)
+
+
 def test_unreadable_mesh_falls_back_to_eager(meshes, caplog):
     """A parameter whose mesh cannot be read: one warning, the graph runs eagerly, eager's numbers."""
 
