@@ -207,7 +207,7 @@ def get_total_norm(
 
 def clip_grads_with_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
-    max_norm: float,
+    max_norm: float | torch.Tensor,
     total_norm: torch.Tensor,
     foreach: bool | None = None,
 ) -> None:
@@ -225,7 +225,7 @@ def clip_grads_with_norm_(
         by_device.setdefault(g.device, []).append(g)
     with torch.no_grad():
         # No `if coef < 1` branch: it would synchronize with the device, as torch notes.
-        coef = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)  # torch's expression; max_norm may be a tensor
         for device, device_grads in by_device.items():
             device_coef = coef.to(device)
             if foreach is False:
@@ -237,7 +237,7 @@ def clip_grads_with_norm_(
 
 def clip_grad_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
-    max_norm: float,
+    max_norm: float | torch.Tensor,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -287,7 +287,7 @@ def torch_get_total_norm(
 
 def torch_clip_grads_with_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
-    max_norm: float,
+    max_norm: float | torch.Tensor,
     total_norm: torch.Tensor,
     foreach: bool | None = None,
 ) -> None:

@@ -245,6 +245,27 @@ def test_nonfinite_norm_follows_torch(meshes, error_if_nonfinite):
     assert torch.isnan(params[1].grad.to_local()[0, 0])
 
 
+def test_tensor_max_norm_is_read_on_every_call(meshes):
+    """A tensor max_norm (torch's clip_grad_norm_ takes one), changed in place between calls: compiled once, and
+    every call clips to its current value, as torch does over the local shards."""
+    gen = torch.Generator().manual_seed(5)
+    max_norm, ref_max_norm = torch.tensor(4.0), torch.tensor(4.0)
+    clip = torch.compile(torch.nn.utils.clip_grad_norm_, backend="fxmesh")
+    for call in range(3):
+        params = _fake_pg_params(meshes, [torch.randn(16, 4, generator=gen), torch.randn(4, 6, generator=gen)])
+        ref = [torch.nn.Parameter(p.to_local().clone()) for p in params]
+        for r, p in zip(ref, params):
+            r.grad = p.grad.to_local().clone()
+        norm = clip(params, max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, ref_max_norm)
+        assert_rel_close(norm, ref_norm, FP32_RTOL, f"call {call}: norm")
+        for i, (p, r) in enumerate(zip(params, ref)):
+            assert_rel_close(p.grad, r.grad, FP32_RTOL, f"call {call}: gradient {i}")
+        max_norm.div_(2)
+        ref_max_norm.div_(2)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 def test_many_gradients_match_torch_on_local_shards(meshes, norm_type):
     """150 gradients (norms stacked in chunks per mesh), 50 of them plain, some all zero or with empty shards:
