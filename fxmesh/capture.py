@@ -23,7 +23,9 @@ the frame being traced is compiled by an fxmesh backend:
   meshes beside plain tensors (the foreach optimizers' step counts and bias
   corrections, the clip coefficient): recorded as
   :func:`fxmesh.ops.foreach_per_mesh` stand-ins, which run the op once per mesh
-  with the plain tensors made mesh-local;
+  with the plain tensors made mesh-local, unless Dynamo has its own rewrite
+  of the call (``_foreach_lerp_`` with a tensor weight: tensor betas), whose
+  calls come back here;
 - calls to ``torch._foreach_copy_`` and ``_foreach_sign_`` over DTensors
   (Rprop's foreach step), for which DTensor has no sharding rule (the latter on
   torch 2.11): recorded as :func:`fxmesh.ops.foreach_per_entry` stand-ins, one
@@ -276,6 +278,12 @@ def _restart_if_parameters_are_inputs(optimizer: torch.optim.Optimizer, tx: Any)
     raise RestartAnalysis(restart_reason=f"fxmesh: {len(wrapped)} optimizer parameters were traced as graph inputs")
 
 
+def _dynamo_handlers() -> dict[Any, Any]:
+    """Dynamo's special handlers of in-graph torch functions (a private API of torch 2.11-2.14; none elsewhere)."""
+    get_handlers = getattr(TorchInGraphFunctionVariable, "_get_handlers", None)
+    return get_handlers() if get_handlers is not None else {}
+
+
 @functools.cache
 def install() -> None:
     """Install the scoped hook (idempotent)."""
@@ -315,6 +323,13 @@ def install() -> None:
         per_mesh = stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs)
         if (stand_in is None and not per_mesh) or not _compiling_with_fxmesh(tx):
             return dynamo_call_in_graph(self, tx, args, kwargs)
+        if per_mesh:
+            # Dynamo's own rewrite first: _foreach_lerp_ with a tensor weight (tensor betas) becomes other
+            # foreach calls, which come back here; run as it is, the op reads the weight with .item().
+            handler = _dynamo_handlers().get(self.value)
+            result = handler(self, tx, *args, **kwargs) if handler is not None else None
+            if result is not None:
+                return result
         return record_stand_in(stand_in or foreach_per_mesh(self.value), tx, args, kwargs)
 
     @functools.wraps(dynamo_call_user_function)

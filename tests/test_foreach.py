@@ -83,6 +83,33 @@ def test_matches_eager_on_local_shards(meshes, case):
     assert not unexpected_graph_breaks(), unexpected_graph_breaks()
 
 
+def test_capturable_foreach_with_tensor_betas(meshes):
+    """Capturable foreach AdamW (what Dynamo makes of foreach on a GPU) with a tensor lr and tensor betas, changed
+    in place between steps: compiled once, equal to the for-loop step on the local shards.
+
+    Dynamo rewrites ``_foreach_lerp_`` with a tensor weight (beta1) into other foreach calls; fxmesh's per-mesh
+    recording used to skip that rewrite, and the op then read the weight with ``.item()``, at which Dynamo ran
+    the whole step eagerly (on the CPU, torch.optim's capturable check then failed).
+    """
+
+    def make(foreach):
+        tensors = lambda: dict(lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.99)))  # noqa: E731
+        options = dict(foreach=True, capturable=True) if foreach else dict(foreach=False)
+        return lambda ps: torch.optim.AdamW(ps, weight_decay=0.1, amsgrad=True, **tensors(), **options)
+
+    def schedule(s, *opts):
+        for opt in opts:
+            beta1, beta2 = opt.param_groups[0]["betas"]
+            beta1.fill_(0.9 - 0.2 * s)
+            beta2.fill_(0.99 - 0.01 * s)
+            opt.param_groups[0]["lr"].mul_(0.7)
+
+    _, _, code = run_local_parity(make(True), dtensor_params(meshes), before_step=schedule, make_ref=make(False))
+    assert KERNEL_PREFIX in code, "Inductor generated no kernel"
+    assert not unexpected_graph_breaks(), unexpected_graph_breaks()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize(
     "cls, match", [(torch.optim.Adam, "different mesh"), (torch.optim.Rprop, "_foreach_copy_")], ids=["adam", "rprop"]
 )
