@@ -175,9 +175,9 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     opmath = OPMATH[first.dtype]
     gpu_kernel = _gpu_kernel(first.device)
     # The GPU kernels (CUDA, MPS) hold the hyperparameters and the per-tensor
-    # scalars in the opmath type; the CPU kernel computes in float64.
-    # torch.optim takes a tensor lr and tensor betas; the CPU kernel reads them as doubles (lr is cast where
-    # it is used).
+    # scalars in the opmath type; the CPU kernel computes in float64, and reads
+    # a tensor lr or tensor betas (torch.optim takes both) as doubles (lr is
+    # cast where it is used).
     given = {k: proxy(args[k]) for k in _HYPERPARAMETERS}
     if gpu_kernel:
         hyper = {k: v if k == "lr" and isinstance(v, Proxy) else rounded(v, opmath) for k, v in given.items()}
