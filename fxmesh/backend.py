@@ -25,6 +25,7 @@ from fxmesh.passes import Pass, resolve_passes, run_passes
 from fxmesh.passes.aten_fused_adam import aten_fused_adam
 from fxmesh.passes.lower_fused_adam import lower_fused_adam
 from fxmesh.pieces import compile_in_pieces
+from fxmesh.scalars import tensorify_foreach_scalars
 from fxmesh.specialize import marked_dynamic, specialize_sizes
 
 __all__ = ["FxmeshBackend", "backend", "fxmesh_backend"]
@@ -136,6 +137,8 @@ class FxmeshBackend:
                 modified = run_passes(gm, self.passes)
                 # Autograd through to_local needs the DTensor; only no-grad math runs on the shards.
                 local = None if on_dtensors else localize(gm, example_inputs)
+                if local is not None:
+                    counters["fxmesh"]["tensorified_scalars"] += tensorify_foreach_scalars(local.gm)
                 if self.fused_kernels == "aten":
                     passes = [("aten_fused_adam", aten_fused_adam), *self.deferred_passes]
                     modified += run_passes(gm if local is None else local.gm, passes)

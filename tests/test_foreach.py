@@ -16,6 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
+import fxmesh
 from fxmesh import capture
 from fxmesh import meshes as meshes_module
 from tests.helpers import DEVICE, KERNEL_PREFIX, dtensor_params, without_comments
@@ -108,6 +109,46 @@ def test_capturable_foreach_with_tensor_betas(meshes):
     assert KERNEL_PREFIX in code, "Inductor generated no kernel"
     assert not unexpected_graph_breaks(), unexpected_graph_breaks()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+AOT_EAGER = fxmesh.backend(compiler="aot_eager")
+SCHEDULED = {
+    # _foreach_mul_(params, 1 - lr * weight_decay) and the step sizes' _foreach_div_; compiled with Inductor.
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1, foreach=True), "fxmesh"),
+    "adam-capturable": (torch.optim.Adam, dict(lr=0.01, foreach=True, capturable=True), AOT_EAGER),
+    "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, foreach=True), AOT_EAGER),  # alpha=-lr
+    "rmsprop": (torch.optim.RMSprop, dict(lr=0.01, foreach=True), AOT_EAGER),  # _foreach_addcdiv_'s value=-lr
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULED))
+def test_float_lr_changed_every_step_recompiles_once(meshes, case):
+    """A float lr that a scheduler changes every step: Dynamo recompiles once and then passes it as a symbolic
+    float; fxmesh hands it to the foreach calls as a 0-dim tensor, so later values run that graph (upstream, on
+    plain tensors too, specializes it in every foreach Scalar and recompiles on every step until Dynamo's limit).
+    Six steps, equal to the for-loop step on the local shards."""
+    cls, options, backend = SCHEDULED[case]
+    ref_options = {**{k: v for k, v in options.items() if k != "capturable"}, "foreach": False}
+
+    def schedule(s, *opts):
+        for opt in opts:
+            opt.param_groups[0]["lr"] *= 0.7
+
+    run_local_parity(
+        lambda ps: cls(ps, **options),
+        dtensor_params(meshes),
+        steps=6,
+        before_step=schedule,
+        make_ref=lambda ps: cls(ps, **ref_options),
+        backend=backend,
+    )
+    counts = torch._dynamo.utils.counters
+    assert counts["fxmesh"]["tensorified_scalars"] >= 1, dict(counts["fxmesh"])
+    # On torch 2.11 DTensor's sharding propagation, which Dynamo runs while tracing, guards on the value of a
+    # float passed to a foreach op over DTensors (AdamW's 1 - lr * weight_decay, RMSprop's -lr), before any
+    # fxmesh pass: those two still recompile on every step there.
+    every_step = torch.__version__.startswith("2.11") and case in ("adamw", "rmsprop")
+    assert counts["stats"]["unique_graphs"] == (6 if every_step else 2), dict(counts["stats"])
 
 
 @pytest.mark.parametrize(
