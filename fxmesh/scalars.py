@@ -37,8 +37,8 @@ __all__ = ["tensorify_foreach_scalars"]
 
 # Foreach ops whose second argument may be a Scalar, with a Tensor overload for it.
 _SCALAR_AS_TENSOR = frozenset({"mul", "div", "add"})
-# Foreach ops whose keyword scales their second (add, sub) or third positional list (addcmul, addcdiv).
-_SCALED_LIST = {"add": ("alpha", 1), "sub": ("alpha", 1), "addcmul": ("value", 1), "addcdiv": ("value", 1)}
+# Foreach ops with a keyword that scales their second list: ``a + alpha * b``, ``p + value * a / b``.
+_SCALED_LIST = {"add": "alpha", "sub": "alpha", "addcmul": "value", "addcdiv": "value"}
 
 
 def _is_symbolic_float(value: Any) -> bool:
@@ -122,11 +122,10 @@ def tensorify_foreach_scalars(gm: torch.fx.GraphModule) -> int:
         if base in _SCALAR_AS_TENSOR and _is_symbolic_float(args[1]):
             args[1] = as_tensor(args[1], first, node)
         elif base in _SCALED_LIST:
-            key, position = _SCALED_LIST[base]
+            key = _SCALED_LIST[base]
             if base in ("addcmul", "addcdiv") and len(args) == 4:
                 kwargs[key] = args.pop()
-            scale = kwargs.get(key)
-            scaled = args[position] if position < len(args) else None
+            scale, scaled = kwargs.get(key), args[1]
             if not _is_symbolic_float(scale) or not isinstance(scaled, (list, tuple)):
                 continue
             fake_mode = fake_mode or graph_fake_mode(gm)
@@ -138,7 +137,7 @@ def tensorify_foreach_scalars(gm: torch.fx.GraphModule) -> int:
                 with graph.inserting_before(node):
                     entries.append(graph.call_function(operator.getitem, (product, i)))
                 entries[-1].meta["example_value"] = example_value(product)[i]
-            args[position] = entries
+            args[1] = entries
             del kwargs[key]
         else:
             continue
