@@ -33,6 +33,7 @@ __all__ = [
     "Hyper",
     "check_entry",
     "divided",
+    "float64_source",
     "grad_prologue",
     "laid_out_like_each",
     "local",
@@ -43,6 +44,7 @@ __all__ = [
     "rounded",
     "scalar",
     "stack_scalars",
+    "symbolic_float_as_tensor",
     "table_groups",
     "upcast",
     "with_weight_decay",
@@ -251,14 +253,14 @@ def check_entry(op_name: str, i: int, name: str, node: torch.fx.Node, scalar_lis
         )
 
 
-def _float64_source(value: torch.fx.Node) -> torch.fx.Node | None:
+def float64_source(value: torch.fx.Node) -> torch.fx.Node | None:
     """The 0-dim float64 tensor a symbolic float is read from with ``.item()``, or None."""
     source = value.args[0] if value.op == "call_method" and value.target == "item" else None
     t = example_value(source) if isinstance(source, torch.fx.Node) else None
     return source if isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == torch.float64 else None
 
 
-def _symbolic_float_as_tensor(
+def symbolic_float_as_tensor(
     graph: torch.fx.Graph, node: torch.fx.Node, source: torch.fx.Node, value: torch.fx.Node, fake_mode: Any
 ) -> torch.fx.Node:
     """A float64 tensor holding a float hyperparameter that Dynamo made symbolic.
@@ -354,7 +356,7 @@ def lower_fused_calls(
 
     A hyperparameter in ``tensor_hyperparameters`` that Dynamo made a symbolic
     float or int reaches ``emit`` as a 0-dim float64 tensor (see
-    :func:`_symbolic_float_as_tensor`, :func:`_symbolic_int_as_tensor`); any
+    :func:`symbolic_float_as_tensor`, :func:`_symbolic_int_as_tensor`); any
     other symbolic one makes the graph run eagerly.
     """
     graph = gm.graph
@@ -389,7 +391,7 @@ def lower_fused_calls(
         symbolic = {}
         for name, value in args.items():
             if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
-                source = _float64_source(value) if name in tensor_hyperparameters else None
+                source = float64_source(value) if name in tensor_hyperparameters else None
                 if source is None and not (name in tensor_hyperparameters and _is_symbolic_int(value)):
                     raise EagerFallback(
                         f"fused {op.name}: {name} is a symbolic number (Dynamo made it dynamic after it changed "
@@ -401,7 +403,7 @@ def lower_fused_calls(
             if source is None:
                 args[name] = _symbolic_int_as_tensor(graph, node, args[name], fake_mode)
             else:
-                args[name] = _symbolic_float_as_tensor(graph, node, source, args[name], fake_mode)
+                args[name] = symbolic_float_as_tensor(graph, node, source, args[name], fake_mode)
         before = node.prev
         with graph.inserting_before(node):
             emit(op, args, proxy)

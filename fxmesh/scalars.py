@@ -31,6 +31,7 @@ import torch
 import torch.fx
 
 from fxmesh.local import op_name
+from fxmesh.lowering import float64_source, symbolic_float_as_tensor
 from fxmesh.meshes import example_value, graph_fake_mode, propagate_example_value
 
 __all__ = ["tensorify_foreach_scalars"]
@@ -49,7 +50,9 @@ def _is_symbolic_float(value: Any) -> bool:
 _ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow})
 
 
-def _tensor_expression(graph: torch.fx.Graph, value: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node | None:
+def _tensor_expression(
+    graph: torch.fx.Graph, value: torch.fx.Node, before: torch.fx.Node, fake_mode: Any
+) -> torch.fx.Node | None:
     """``value`` (a symbolic float) as float64 tensor math on the tensor it is read from, or None.
 
     Dynamo reads the float from a 0-dim float64 tensor with ``.item()`` and
@@ -57,28 +60,25 @@ def _tensor_expression(graph: torch.fx.Graph, value: torch.fx.Node, before: torc
     such chains into tensor math itself from torch 2.13 on; written here, they
     need nothing from it.
     """
-    if value.op == "call_method" and value.target == "item":
-        source = value.args[0]
-        t = example_value(source) if isinstance(source, torch.fx.Node) else None
-        if not (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == torch.float64):
-            return None
+    source = float64_source(value)
+    if source is not None:
         # Not the source itself: AOT specializes a symbol that no tensor math it rewrote reads.
-        with graph.inserting_before(before):
-            zeros = graph.call_function(torch.zeros_like, (source,))
-            return graph.call_function(operator.add, (zeros, value))
+        return symbolic_float_as_tensor(graph, before, source, value, fake_mode)
     if value.op != "call_function" or value.target not in _ARITHMETIC or value.kwargs:
         return None
     args = []
     for arg in value.args:
         if _is_symbolic_float(arg):
-            arg = _tensor_expression(graph, arg, before)
+            arg = _tensor_expression(graph, arg, before, fake_mode)
             if arg is None:
                 return None
         elif not isinstance(arg, (int, float)) or isinstance(arg, bool):
             return None
         args.append(arg)
     with graph.inserting_before(before):
-        return graph.call_function(value.target, tuple(args))
+        tensor = graph.call_function(value.target, tuple(args))
+    propagate_example_value(tensor, fake_mode)
+    return tensor
 
 
 def tensorify_foreach_scalars(gm: torch.fx.GraphModule) -> int:
@@ -92,14 +92,9 @@ def tensorify_foreach_scalars(gm: torch.fx.GraphModule) -> int:
         nonlocal fake_mode
         if value not in tensors:
             fake_mode = fake_mode or graph_fake_mode(gm)
-            first_new = before.prev
-            expression = _tensor_expression(graph, value, before)
+            expression = _tensor_expression(graph, value, before, fake_mode)
             if expression is not None:
                 tensors[value] = expression
-                node = first_new.next
-                while node is not before:
-                    propagate_example_value(node, fake_mode)
-                    node = node.next
                 return expression
             with graph.inserting_before(before):
                 zeros = graph.call_function(
