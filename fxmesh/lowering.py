@@ -23,7 +23,14 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from fxmesh.errors import EagerFallback, UnsupportedInputError
 from fxmesh.fused_ops import FusedOp, bind, fused_op
-from fxmesh.meshes import example_value, graph_fake_mode, local_tensor, propagate_example_value, redistributed_like
+from fxmesh.meshes import (
+    example_value,
+    graph_fake_mode,
+    local_tensor,
+    propagate_example_value,
+    redistributed_like,
+    source_name,
+)
 
 __all__ = [
     "OPMATH",
@@ -240,7 +247,7 @@ def check_entry(op_name: str, i: int, name: str, node: torch.fx.Node, scalar_lis
     """Refuse, naming the parameter, entries the fused kernel does not take."""
     value = example_value(node)
     if value is None:
-        raise UnsupportedInputError(f"fused {op_name}: {name}[{i}] ({node.name}) has no example value")
+        raise UnsupportedInputError(f"fused {op_name}: {name}[{i}] ({source_name(node)}) has no example value")
     if value.layout != torch.strided:
         raise UnsupportedInputError(
             f"fused {op_name}: parameter {i}: {name} has layout {value.layout}; "

@@ -159,11 +159,6 @@ def _adam_update(
     write_back([(param, p), *outputs, *grad_outputs], found_inf)
 
 
-def _as_float64(x: Hyper) -> Hyper:
-    """A tensor hyperparameter in float64 (a new node only where it is not float64 already); a float as it is."""
-    return x.to(torch.float64) if isinstance(x, Proxy) and example_value(x.node).dtype != torch.float64 else x
-
-
 def _gpu_kernel(device: torch.device) -> bool:
     """Whether to follow the GPU kernels' arithmetic (CUDA, MPS) rather than the CPU kernel's."""
     return device.type != "cpu"
@@ -182,7 +177,7 @@ def _emit(op: FusedOp, args: dict[str, Any], proxy: Callable[[Any], Any]) -> Non
     if gpu_kernel:
         hyper = {k: v if k == "lr" and isinstance(v, Proxy) else rounded(v, opmath) for k, v in given.items()}
     else:
-        hyper = {k: v if k == "lr" else _as_float64(v) for k, v in given.items()}
+        hyper = {k: upcast(v, torch.float64) if k != "lr" and isinstance(v, Proxy) else v for k, v in given.items()}
     table_dtype = opmath if gpu_kernel else torch.float64
     lr = hyper["lr"]
     for rows in table_groups(params):
