@@ -18,6 +18,7 @@ import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_f
 import torch.fx
 from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
+from torch.fx.experimental.symbolic_shapes import guard_bool
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
@@ -363,8 +364,9 @@ def lower_fused_calls(
 
     A hyperparameter in ``tensor_hyperparameters`` that Dynamo made a symbolic
     float or int reaches ``emit`` as a 0-dim float64 tensor (see
-    :func:`symbolic_float_as_tensor`, :func:`_symbolic_int_as_tensor`); any
-    other symbolic one makes the graph run eagerly.
+    :func:`symbolic_float_as_tensor`, :func:`_symbolic_int_as_tensor`); a
+    symbolic bool is guarded to its value; any other symbolic number makes the
+    graph run eagerly.
     """
     graph = gm.graph
     tracer = GraphAppendingTracer(graph)
@@ -397,7 +399,12 @@ def lower_fused_calls(
         fake_mode = fake_mode or graph_fake_mode(gm)
         symbolic = {}
         for name, value in args.items():
-            if isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
+            if isinstance(value, torch.fx.Node) and isinstance(example_value(value), torch.SymBool):
+                # A flag computed from a symbolic number (fused SGD's is_first_step, ``not momentum == 0``, once
+                # the momentum is symbolic; torch 2.15 keeps it symbolic): guarded to its value, as an ``if`` on
+                # it would be. Two values at most, so at most one recompile.
+                args[name] = guard_bool(example_value(value))
+            elif isinstance(value, torch.fx.Node) and not isinstance(example_value(value), torch.Tensor):
                 source = float64_source(value) if name in tensor_hyperparameters else None
                 if source is None and not (name in tensor_hyperparameters and _is_symbolic_int(value)):
                     raise EagerFallback(
