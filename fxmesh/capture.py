@@ -26,10 +26,6 @@ the frame being traced is compiled by an fxmesh backend:
   with the plain tensors made mesh-local, unless Dynamo has its own rewrite
   of the call (``_foreach_lerp_`` with a tensor weight: tensor betas), whose
   calls come back here;
-- calls to ``torch._foreach_copy_`` and ``_foreach_sign_`` over DTensors
-  (Rprop's foreach step), for which DTensor has no sharding rule (the latter on
-  torch 2.11): recorded as :func:`fxmesh.ops.foreach_per_entry` stand-ins, one
-  call per entry;
 - ``torch.nn.utils.get_total_norm`` and ``clip_grads_with_norm_`` (which
   ``clip_grad_norm_`` calls): traced as fxmesh's own (:mod:`fxmesh.clip`) when
   the gradients span several meshes;
@@ -50,7 +46,12 @@ value by running it on the fake inputs (``torch._dynamo.utils.run_node``).  A
 (:func:`fxmesh.meshes.call_foreach_per_entry`): DTensor's rule for a whole list
 takes time quadratic in its length, which made it nearly half of a foreach
 AdamW step's compile at 1,000 parameters.  The graph records the op as it was
-called.
+called, unless DTensor has no sharding rule for it (Rprop's
+``_foreach_copy_`` and a user's ``_foreach_maximum`` with a scalar on every
+torch version; on 2.11-2.12 also ``_foreach_sign_``, ``_foreach_lerp`` with a
+float weight and more): then the node becomes a
+:func:`fxmesh.ops.foreach_per_entry` stand-in, one call per entry, each of
+which has a rule.
 
 And Dynamo makes a tensor's fake ``.grad``
 along with the tensor, and where the gradient holds a view and the tensor
@@ -110,7 +111,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fxmesh import clip
 from fxmesh.meshes import call_foreach_per_entry, distinct_meshes
-from fxmesh.ops import MESH_AWARE_OPS, PER_ENTRY_OPS, foreach_per_entry, foreach_per_mesh
+from fxmesh.ops import MESH_AWARE_OPS, foreach_per_entry, foreach_per_mesh, has_per_entry_form
 
 __all__ = ["FUNCTIONAL_APIS", "FUSED_FUNCTIONS", "install"]
 
@@ -195,6 +196,10 @@ def _fxmesh_backend(output: Any) -> Any:
 def _streamlining_guards(tx: Any) -> bool:
     backend = _fxmesh_backend(tx.output)
     return backend is not None and backend.streamline_guards
+
+
+# What DTensor's dispatch raises for an op it has no sharding rule for (torch 2.11-2.15).
+_NO_SHARDING_RULE = "does not have a sharding strategy registered"
 
 
 def _traced_values(var: Any) -> list[Any]:
@@ -316,10 +321,6 @@ def install() -> None:
     @functools.wraps(dynamo_call_in_graph)
     def call_in_graph(self: TorchInGraphFunctionVariable, tx: Any, args: Any, kwargs: Any) -> Any:
         stand_in = _lookup(MESH_AWARE_OPS, self.value)
-        if _lookup(PER_ENTRY_OPS, self.value) is not None and any(
-            isinstance(v, DTensor) for v in _traced_tensors(args, kwargs)
-        ):
-            stand_in = foreach_per_entry(self.value)
         per_mesh = stand_in is None and _spans_meshes_beside_plain_tensors(self.value, args, kwargs)
         if (stand_in is None and not per_mesh) or not _compiling_with_fxmesh(tx):
             return dynamo_call_in_graph(self, tx, args, kwargs)
@@ -357,6 +358,13 @@ def install() -> None:
             and _output_compiled_with_fxmesh(tracer)
         ):
             try:
+                with dynamo_utils.set_current_node(node):
+                    return call_foreach_per_entry(node.target, args, kwargs)
+            except NotImplementedError as e:
+                op = getattr(node.target, "wrapped_op", node.target)
+                if not (_NO_SHARDING_RULE in str(e) and has_per_entry_form(op.__name__.removeprefix("_foreach_"))):
+                    raise
+                node.target = foreach_per_entry(op)  # the graph records the call one entry at a time
                 with dynamo_utils.set_current_node(node):
                     return call_foreach_per_entry(node.target, args, kwargs)
             except Exception:  # noqa: BLE001 - Dynamo's own run reports it as Dynamo does

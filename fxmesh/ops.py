@@ -27,13 +27,16 @@ from fxmesh.meshes import group_by_mesh, local_tensor, mesh_key, replicate
 
 __all__ = [
     "MESH_AWARE_OPS",
-    "PER_ENTRY_OPS",
+    "PER_ENTRY",
+    "VALUE_LAST",
+    "WITH_A_SCALAR",
     "foreach_per_entry",
     "foreach_per_mesh",
     "fused_adagrad_",
     "fused_adam_",
     "fused_adamw_",
     "fused_sgd_",
+    "has_per_entry_form",
 ]
 
 
@@ -152,30 +155,76 @@ def _recordable(stand_in: Callable[..., Any], op: Callable[..., Any], kind: str)
     return torch._dynamo.allow_in_graph(stand_in)
 
 
-# In-place foreach ops torch.optim calls over parameters or states that DTensor has
-# no sharding rule for (Rprop's foreach step; ``_foreach_sign_`` only on torch 2.11),
-# with the op for one entry.
-PER_ENTRY_OPS: dict[Any, Callable[..., Any]] = {
-    torch._foreach_copy_: torch.Tensor.copy_,
-    torch._foreach_sign_: torch.Tensor.sign_,
-}
+# The ops X whose torch._foreach_X (out of place, a torch.X call per entry) and
+# torch._foreach_X_ (in place, a Tensor.X_ call per entry, or torch.X and copy_
+# where Tensor has no X_) fxmesh can compute one entry at a time.
+PER_ENTRY = frozenset(
+    {
+        "abs", "add", "addcdiv", "addcmul", "clamp_max", "clamp_min", "clone", "copy", "div", "exp",
+        "lerp", "maximum", "minimum", "mul", "neg", "pow", "reciprocal", "rsqrt", "sign", "sqrt",
+        "sub", "zero",
+    }
+)  # fmt: skip
+# Whose fourth positional argument (value, or a list of scalars) is keyword-only per entry.
+VALUE_LAST = frozenset({"addcdiv", "addcmul"})
+# torch.maximum takes two tensors; aten computes _foreach_maximum.Scalar as clamp_min (the same NaNs).
+WITH_A_SCALAR = {"maximum": "clamp_min", "minimum": "clamp_max"}
+
+
+def has_per_entry_form(name: str) -> bool:
+    """Whether ``torch._foreach_<name>`` (``name`` is ``X`` or ``X_``) is computed one entry at a time here."""
+    in_place = name.endswith("_")
+    base = name[:-1] if in_place else name
+    return base in PER_ENTRY and (in_place or base not in ("copy", "zero"))
+
+
+def _one_entry(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``torch._foreach_<name>``'s math for one entry: ``args`` and ``kwargs`` hold that entry's values."""
+    in_place = name.endswith("_")
+    base = name[:-1] if in_place else name
+    if base in WITH_A_SCALAR and not any(isinstance(a, torch.Tensor) for a in args[1:]):
+        base = WITH_A_SCALAR[base]
+    if base in VALUE_LAST and len(args) == 4:
+        kwargs = {**kwargs, "value": args.pop()}
+    if not in_place:
+        return getattr(torch, base)(*args, **kwargs)
+    method = getattr(torch.Tensor, base + "_", None)
+    if method is not None:
+        return method(*args, **kwargs)
+    return args[0].copy_(getattr(torch, base)(*args, **kwargs))  # maximum_, minimum_
 
 
 @functools.cache
 def foreach_per_entry(op: Callable[..., Any]) -> Callable[..., Any]:
-    """A graph-recordable stand-in for ``op`` (a key of :data:`PER_ENTRY_OPS`) over DTensors: one call per entry.
+    """A graph-recordable stand-in for ``op`` over DTensors, one call per entry (see :func:`has_per_entry_form`).
 
-    Over plain tensors (the local shards) it calls ``op`` itself.  Named
-    ``fxmesh.ops.<op>_per_entry`` so FX graphs can name it.
+    For the foreach ops DTensor has no sharding rule for, which differ between
+    torch versions: ``_foreach_copy_`` and ``_foreach_maximum`` with a scalar on
+    every version, ``_foreach_lerp`` with a float weight and ``_foreach_sign``
+    on 2.11-2.12.  Each entry's op has a rule, and plain 0-dim tensors beside a
+    DTensor are replicated onto its mesh.  Over plain tensors (the local
+    shards) it calls ``op`` itself.  Named ``fxmesh.ops.<op>_per_entry`` so FX
+    graphs can name it.
     """
-    entry_op = PER_ENTRY_OPS[op]
+    name = op.__name__.removeprefix("_foreach_")
+    if not has_per_entry_form(name):
+        raise ValueError(f"fxmesh has no per-entry form of {op.__name__}")
 
-    def stand_in(self: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
-        if not any(isinstance(t, DTensor) for t in self):
-            op(self, *args, **kwargs)
-            return
-        for i, t in enumerate(self):
-            entry_op(t, *(a[i] if isinstance(a, (list, tuple)) else a for a in args), **kwargs)
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        lists = [a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple))]
+        if not any(isinstance(t, DTensor) for entries in lists for t in entries):
+            results = op(*args, **kwargs)
+        else:
+            n = len(lists[0])
+
+            def entry(a: Any, i: int) -> Any:
+                return a[i] if isinstance(a, (list, tuple)) and len(a) == n else a
+
+            results = [
+                _one_entry(name, [entry(a, i) for a in args], {k: entry(v, i) for k, v in kwargs.items()})
+                for i in range(n)
+            ]
+        return None if name.endswith("_") else results  # what the graph records for an in-place op
 
     return _recordable(stand_in, op, "per_entry")
 

@@ -17,7 +17,7 @@ becomes ``a[i].addcmul_(b[i], c[i], value=v)``; an out-of-place call's
 results (``operator.getitem`` of it) become its per-entry calls.  Inductor
 lowers a foreach op to the same per-entry pointwise math
 (``torch/_inductor/lowering.py``, ``register_foreach_pointwise``).  Only the
-ops in :data:`PER_ENTRY` are written so (what torch.optim calls, and fxmesh's
+ops in :data:`fxmesh.ops.PER_ENTRY` are written so (what torch.optim calls, and fxmesh's
 per-mesh and per-entry stand-ins for them); a graph with any other foreach
 call, or with a list of scalars as a tensor, is left alone (None).
 """
@@ -32,23 +32,9 @@ import torch.fx
 
 from fxmesh.local import op_name
 from fxmesh.meshes import example_value
+from fxmesh.ops import VALUE_LAST, WITH_A_SCALAR, has_per_entry_form
 
-__all__ = ["PER_ENTRY", "per_entry"]
-
-# The ops X whose torch._foreach_X (out of place, a torch.X call per entry) and
-# torch._foreach_X_ (in place, a Tensor.X_ call per entry, or torch.X and copy_
-# where Tensor has no X_) fxmesh writes per entry.
-PER_ENTRY = frozenset(
-    {
-        "abs", "add", "addcdiv", "addcmul", "clamp_max", "clamp_min", "clone", "copy", "div", "exp",
-        "lerp", "maximum", "minimum", "mul", "neg", "pow", "reciprocal", "rsqrt", "sign", "sqrt",
-        "sub", "zero",
-    }
-)  # fmt: skip
-# Whose fourth positional argument (value, or a list of scalars) is keyword-only per entry.
-_VALUE_LAST = frozenset({"addcdiv", "addcmul"})
-# torch.maximum takes two tensors; aten computes _foreach_maximum.Scalar as clamp_min (the same NaNs).
-_WITH_A_SCALAR = {"maximum": "clamp_min", "minimum": "clamp_max"}
+__all__ = ["per_entry"]
 
 
 def _foreach_name(node: torch.fx.Node) -> str | None:
@@ -68,16 +54,16 @@ def _value(gm: torch.fx.GraphModule, node: Any) -> Any:
 
 def _write_per_entry(gm: torch.fx.GraphModule, node: torch.fx.Node, name: str) -> bool:
     """Replace foreach call ``node`` by its per-entry calls; False (and nothing changed) where it cannot be."""
+    if not has_per_entry_form(name):
+        return False
     in_place = name.endswith("_")
     base = name[:-1] if in_place else name
-    if base not in PER_ENTRY or (not in_place and base in ("copy", "zero")):
-        return False
     args, kwargs = list(node.args), dict(node.kwargs)
     others = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    if base in _WITH_A_SCALAR and not any(isinstance(a, torch.fx.Node) for a in others):
-        base = _WITH_A_SCALAR[base]
+    if base in WITH_A_SCALAR and not any(isinstance(a, torch.fx.Node) for a in others):
+        base = WITH_A_SCALAR[base]
         name = base + "_" if in_place else base
-    if base in _VALUE_LAST and len(args) == 4:
+    if base in VALUE_LAST and len(args) == 4:
         kwargs["value"] = args.pop()
     if isinstance(kwargs.get("value"), torch.fx.Node):
         return False  # the scalars as one tensor: no per-entry value
@@ -127,7 +113,7 @@ def per_entry(gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
     """``gm`` with every foreach call written one call per list entry, as a new graph module.
 
     ``gm`` itself when it has no foreach call (a for-loop step already is one
-    call per entry); None when some foreach call is not one :data:`PER_ENTRY`
+    call per entry); None when some foreach call is not one :data:`fxmesh.ops.PER_ENTRY`
     covers.  The copy keeps ``gm``'s attributes, Dynamo metadata and its
     placeholders' sources (:mod:`fxmesh.pieces` passes them on to AOT).
     """

@@ -10,6 +10,7 @@ Checked: equal to eager on the local shards over 5 steps.
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
 import fxmesh
-from fxmesh import capture
+from fxmesh import capture, scalars
 from fxmesh import meshes as meshes_module
-from tests.helpers import DEVICE, KERNEL_PREFIX, dtensor_params, without_comments
+from tests.helpers import DEVICE, KERNEL_PREFIX, dtensor_params, set_grads, without_comments
 from tests.test_adam import unexpected_graph_breaks
 from tests.test_sgd import run_local_parity
 
@@ -149,6 +150,110 @@ def test_float_lr_changed_every_step_recompiles_once(meshes, case):
     # fxmesh pass: those two still recompile on every step there.
     every_step = torch.__version__.startswith("2.11") and case in ("adamw", "rmsprop")
     assert counts["stats"]["unique_graphs"] == (6 if every_step else 2), dict(counts["stats"])
+
+
+class Lion(torch.optim.Optimizer):
+    """A user's own foreach optimizer (Lion, Chen et al. 2023), not torch.optim's; ``lr`` may be a tensor."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            exp_avgs = [self.state[p].setdefault("exp_avg", torch.zeros_like(p)) for p in params]
+            beta1, beta2 = group["betas"]
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            update = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+            torch._foreach_sign_(update)
+            torch._foreach_mul_(update, group["lr"])
+            torch._foreach_sub_(params, update)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
+
+
+class FlooredAdam(torch.optim.Optimizer):
+    """Adam without bias correction, its denominator floored at eps by ``_foreach_maximum`` with a scalar, for
+    which DTensor has no sharding rule (torch 2.11-2.15)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            exp_avgs = [s.setdefault("exp_avg", torch.zeros_like(p)) for s, p in zip(states, params)]
+            exp_avg_sqs = [s.setdefault("exp_avg_sq", torch.zeros_like(p)) for s, p in zip(states, params)]
+            beta1, beta2 = group["betas"]
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            denominators = torch._foreach_maximum(torch._foreach_sqrt(exp_avg_sqs), group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-group["lr"])
+
+
+USERS_OWN = {
+    # 0-dim plain tensors beside DTensors on three meshes; on torch 2.11-2.12 no DTensor rule for _foreach_lerp
+    # with a float weight or _foreach_sign_ either.
+    "lion-tensor-lr": (lambda ps: Lion(ps, lr=torch.tensor(0.01), weight_decay=0.1), "different mesh"),
+    "floored-adam": (lambda ps: FlooredAdam(ps, lr=0.01), "sharding strategy"),
+}
+
+
+@pytest.mark.parametrize("case", list(USERS_OWN))
+def test_users_own_foreach_optimizer(meshes, case):
+    """fxmesh's capture is not limited to torch.optim: a user's foreach optimizer that upstream cannot run over
+    these DTensors eagerly compiles under fxmesh (per mesh, and one call per entry where DTensor has no rule for
+    the foreach op), equal to the same step eagerly on the local shards over 5 steps."""
+    make, upstream_error = USERS_OWN[case]
+    params = dtensor_params(meshes)
+    set_grads([params], 0)
+    with pytest.raises(Exception, match=upstream_error):
+        make(params).step()
+    run_local_parity(make, dtensor_params(meshes))
+    assert not unexpected_graph_breaks(), unexpected_graph_breaks()
+
+
+class SqrtLrSGD(torch.optim.Optimizer):
+    """Plain SGD stepping by sqrt(lr): a scheduled float reaching a foreach Scalar through ``math.sqrt``."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-math.sqrt(group["lr"]))
+
+
+def test_float_lr_through_a_math_function_recompiles_once(meshes, monkeypatch):
+    """A symbolic float that fxmesh does not write as tensor math on its source (``math.sqrt`` of it) reaches the
+    foreach call as ``zeros((), float64) + s``, which AOT turns into tensor math: one recompile, as for
+    torch.optim's steps above (without it, one per step), equal to eager on the local shards over 6 steps.
+    AOT learned that for ``sqrt`` (and ``min``, ``max``, ``abs``) in torch 2.13: before, one recompile per step."""
+    untraced = []
+
+    def spy(graph, value, *args):
+        expression = tensor_expression(graph, value, *args)
+        untraced.extend([value] if expression is None else [])
+        return expression
+
+    tensor_expression = scalars._tensor_expression
+    monkeypatch.setattr(scalars, "_tensor_expression", spy)
+
+    def schedule(s, *opts):
+        for opt in opts:
+            opt.param_groups[0]["lr"] *= 0.7
+
+    run_local_parity(lambda ps: SqrtLrSGD(ps, lr=0.1), dtensor_params(meshes), steps=6, before_step=schedule)
+    counts = torch._dynamo.utils.counters
+    assert untraced and counts["fxmesh"]["tensorified_scalars"] >= 1, dict(counts["fxmesh"])
+    assert counts["stats"]["unique_graphs"] == (6 if torch.__version__ < "2.13" else 2), dict(counts["stats"])
 
 
 @pytest.mark.parametrize(
