@@ -202,6 +202,15 @@ def _streamlining_guards(tx: Any) -> bool:
 _NO_SHARDING_RULE = "does not have a sharding strategy registered"
 
 
+def _per_entry_stand_in(target: Any, error: Exception) -> Any:
+    """The per-entry stand-in for a foreach call (or its per-mesh stand-in) that failed for want of a DTensor rule."""
+    op = getattr(target, "wrapped_op", target)
+    name = getattr(op, "__name__", "").removeprefix("_foreach_")
+    if isinstance(error, NotImplementedError) and _NO_SHARDING_RULE in str(error) and has_per_entry_form(name):
+        return foreach_per_entry(op)
+    return None
+
+
 def _traced_values(var: Any) -> list[Any]:
     """Example values of a Dynamo variable: of each item for lists, else of the variable."""
     if isinstance(var, BaseListVariable):
@@ -357,18 +366,21 @@ def install() -> None:
             and getattr(node.target, "__name__", "").startswith("_foreach_")
             and _output_compiled_with_fxmesh(tracer)
         ):
+            stand_in = None
             try:
                 with dynamo_utils.set_current_node(node):
                     return call_foreach_per_entry(node.target, args, kwargs)
-            except NotImplementedError as e:
-                op = getattr(node.target, "wrapped_op", node.target)
-                if not (_NO_SHARDING_RULE in str(e) and has_per_entry_form(op.__name__.removeprefix("_foreach_"))):
-                    raise
-                node.target = foreach_per_entry(op)  # the graph records the call one entry at a time
-                with dynamo_utils.set_current_node(node):
-                    return call_foreach_per_entry(node.target, args, kwargs)
-            except Exception:  # noqa: BLE001 - Dynamo's own run reports it as Dynamo does
-                pass
+            except Exception as e:  # noqa: BLE001 - unless a stand-in runs, Dynamo's own run reports it as Dynamo does
+                stand_in = _per_entry_stand_in(node.target, e)
+            if stand_in is not None:
+                try:
+                    with dynamo_utils.set_current_node(node):
+                        value = call_foreach_per_entry(stand_in, args, kwargs)
+                except Exception:  # noqa: BLE001 - as above
+                    pass
+                else:
+                    node.target = stand_in  # the graph records the call one entry at a time
+                    return value
         return dynamo_run_node(tracer, node, args, kwargs, nnmodule)
 
     # Dynamo calls this right after it marks the optimizer's parameters static, on each read of
