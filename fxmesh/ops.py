@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ __all__ = [
     "fused_adamw_",
     "fused_sgd_",
     "has_per_entry_form",
+    "per_entry_form",
 ]
 
 
@@ -178,20 +179,35 @@ def has_per_entry_form(name: str) -> bool:
     return base in PER_ENTRY and (in_place or base not in ("copy", "zero"))
 
 
-def _one_entry(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    """``torch._foreach_<name>``'s math for one entry: ``args`` and ``kwargs`` hold that entry's values."""
+def per_entry_form(
+    name: str, args: Sequence[Any], kwargs: dict[str, Any], is_tensor: Callable[[Any], bool]
+) -> tuple[str, list[Any], dict[str, Any]]:
+    """The one-tensor form of a ``torch._foreach_<name>`` call over whole lists, where :func:`has_per_entry_form`.
+
+    Returns ``X`` (``torch.X``) or ``X_`` (``Tensor.X_``, or ``torch.X`` and
+    ``copy_`` where Tensor has none) to call once per entry, and the
+    arguments, a trailing scalar or list of scalars made the ``value``
+    keyword.  ``is_tensor`` tells tensors (or the FX nodes standing for them)
+    from scalars.
+    """
     in_place = name.endswith("_")
     base = name[:-1] if in_place else name
-    if base in WITH_A_SCALAR and not any(isinstance(a, torch.Tensor) for a in args[1:]):
+    args, kwargs = list(args), dict(kwargs)
+    others = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if base in WITH_A_SCALAR and not any(is_tensor(a) for a in others):
         base = WITH_A_SCALAR[base]
     if base in VALUE_LAST and len(args) == 4:
-        kwargs = {**kwargs, "value": args.pop()}
-    if not in_place:
-        return getattr(torch, base)(*args, **kwargs)
-    method = getattr(torch.Tensor, base + "_", None)
-    if method is not None:
-        return method(*args, **kwargs)
-    return args[0].copy_(getattr(torch, base)(*args, **kwargs))  # maximum_, minimum_
+        kwargs["value"] = args.pop()
+    return (base + "_" if in_place else base), args, kwargs
+
+
+def _call_one_entry(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """The one-tensor op ``name`` of :func:`per_entry_form`, on one entry's values."""
+    if not name.endswith("_"):
+        return getattr(torch, name)(*args, **kwargs)
+    if hasattr(torch.Tensor, name):
+        return getattr(torch.Tensor, name)(*args, **kwargs)
+    return args[0].copy_(getattr(torch, name[:-1])(*args, **kwargs))  # maximum_, minimum_
 
 
 @functools.cache
@@ -216,12 +232,13 @@ def foreach_per_entry(op: Callable[..., Any]) -> Callable[..., Any]:
             results = op(*args, **kwargs)
         else:
             n = len(lists[0])
+            entry_op, args, kwargs = per_entry_form(name, args, kwargs, lambda a: isinstance(a, torch.Tensor))
 
             def entry(a: Any, i: int) -> Any:
                 return a[i] if isinstance(a, (list, tuple)) and len(a) == n else a
 
             results = [
-                _one_entry(name, [entry(a, i) for a in args], {k: entry(v, i) for k, v in kwargs.items()})
+                _call_one_entry(entry_op, [entry(a, i) for a in args], {k: entry(v, i) for k, v in kwargs.items()})
                 for i in range(n)
             ]
         return None if name.endswith("_") else results  # what the graph records for an in-place op

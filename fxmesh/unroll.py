@@ -32,7 +32,7 @@ import torch.fx
 
 from fxmesh.local import op_name
 from fxmesh.meshes import example_value
-from fxmesh.ops import VALUE_LAST, WITH_A_SCALAR, has_per_entry_form
+from fxmesh.ops import has_per_entry_form, per_entry_form
 
 __all__ = ["per_entry"]
 
@@ -57,14 +57,8 @@ def _write_per_entry(gm: torch.fx.GraphModule, node: torch.fx.Node, name: str) -
     if not has_per_entry_form(name):
         return False
     in_place = name.endswith("_")
+    name, args, kwargs = per_entry_form(name, node.args, node.kwargs, lambda a: isinstance(a, torch.fx.Node))
     base = name[:-1] if in_place else name
-    args, kwargs = list(node.args), dict(node.kwargs)
-    others = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    if base in WITH_A_SCALAR and not any(isinstance(a, torch.fx.Node) for a in others):
-        base = WITH_A_SCALAR[base]
-        name = base + "_" if in_place else base
-    if base in VALUE_LAST and len(args) == 4:
-        kwargs["value"] = args.pop()
     if isinstance(kwargs.get("value"), torch.fx.Node):
         return False  # the scalars as one tensor: no per-entry value
     lengths = {len(a) for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple))}
