@@ -293,7 +293,7 @@ def _restart_if_parameters_are_inputs(optimizer: torch.optim.Optimizer, tx: Any)
 
 
 def _dynamo_handlers() -> dict[Any, Any]:
-    """Dynamo's special handlers of in-graph torch functions (a private API of torch 2.11-2.14; none elsewhere)."""
+    """Dynamo's special handlers of in-graph torch functions (a private API; checked on torch 2.11-2.15)."""
     get_handlers = getattr(TorchInGraphFunctionVariable, "_get_handlers", None)
     return get_handlers() if get_handlers is not None else {}
 
