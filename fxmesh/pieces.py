@@ -411,6 +411,15 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any], lowered_s
             for a in node.all_input_nodes
         ):
             scalars.add(node)
+    # Scalar math the prologue reads too (the clip coefficient from a total norm that is an input, as
+    # where fxmesh.checks split the graph at the norm's check): computed there as well.
+    prologue_scalars: set[torch.fx.Node] = set()
+    stack = [a for n in calls if n not in lowered_set and n not in scalars for a in n.all_input_nodes if a in scalars]
+    while stack:
+        node = stack.pop()
+        if node not in prologue_scalars:
+            prologue_scalars.add(node)
+            stack.extend(a for a in node.all_input_nodes if a in scalars)
     # 0-dim values the prologue computes and the components read: passed to each piece that reads them.
     carried: dict[torch.fx.Node, None] = {}
     components = _Components()
@@ -439,9 +448,11 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any], lowered_s
             seen |= touched
             continue
         if node in scalars:
+            if node in prologue_scalars:
+                prologue.append(node)
             continue
-        if any(a in scalars or a in dropped for a in node.all_input_nodes):
-            return None  # the prologue would need the scalar math too
+        if any(a in dropped for a in node.all_input_nodes):
+            return None
         if any(a in lowered_set for a in node.all_input_nodes):
             return None  # a value of the lowered nodes: keep the graph whole
         others = _lane_split(node, leaves)
@@ -474,7 +485,7 @@ def _split(gm: torch.fx.GraphModule, leaves: dict[torch.fx.Node, Any], lowered_s
             return None
     outputs = graph.output_node().all_input_nodes
     prologue_nodes = {n for n in prologue if not isinstance(n, _Lanes)}
-    if any(n not in prologue_nodes for n in outputs):
+    if any(n not in prologue_nodes and n not in leaves for n in outputs):
         return None  # returns a value the prologue does not compute
     for node in lowered:
         groups.setdefault(components.find(node), []).append(node)
@@ -565,7 +576,7 @@ def compile_in_pieces(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
     if not batches:
         return None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    graph_outputs = gm.graph.output_node().all_input_nodes
+    graph_outputs = _computed_outputs(gm)
     # The first piece (the prologue, then the components that do not repeat) returns what the others
     # read of it and the graph's outputs.
     first = [_Piece(list(dict.fromkeys(rest)), sources, [*split.carried, *graph_outputs])] if rest else []
@@ -616,14 +627,28 @@ class _Pieces:
         self.first, *self.rest = entries
         output = gm.graph.output_node()
         self.output_spec = output.args[0]
-        # The graph's outputs are the first piece's results after the carried values (see _split).
-        self.output_position = {n: len(carried) + i for i, n in enumerate(output.all_input_nodes)}
+        self.returns_values = bool(output.all_input_nodes)
+        # The graph's outputs are the first piece's results after the carried values (see _split), or
+        # its inputs as they came (a total norm computed before the graph, where fxmesh.checks split it).
+        self.output_position = {n: len(carried) + i for i, n in enumerate(_computed_outputs(gm))}
+        self.output_inputs = {n: placeholders[n] for n in output.all_input_nodes if n in placeholders}
+        self.output_attrs = {n: operator.attrgetter(n.target)(gm) for n in output.all_input_nodes if n.op == "get_attr"}
 
     def __call__(self, *args: Any) -> Any:
         fn, pick, attrs, _ = self.first
         out = fn(*pick(args), *attrs)
         for fn, pick, attrs, passed in self.rest:
             fn(*pick(args), *attrs, *(passed(out) if passed else ()))
-        if not self.output_position:
+        if not self.returns_values:
             return self.output_spec  # holds no values
-        return torch.fx.map_arg(self.output_spec, lambda n: out[self.output_position[n]])
+        return torch.fx.map_arg(self.output_spec, lambda n: self._output(n, args, out))
+
+    def _output(self, n: torch.fx.Node, args: tuple[Any, ...], out: Sequence[Any]) -> Any:
+        if n in self.output_position:
+            return out[self.output_position[n]]
+        return args[self.output_inputs[n]] if n in self.output_inputs else self.output_attrs[n]
+
+
+def _computed_outputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The graph's outputs that are not its inputs or attributes: the first piece returns them."""
+    return [n for n in gm.graph.output_node().all_input_nodes if n.op not in ("placeholder", "get_attr")]

@@ -353,6 +353,40 @@ def test_a_prologue_value_is_passed_to_the_pieces(monkeypatch):
     assert a.tolist() == [16.0] * 4 and b.tolist() == [48.0] * 4  # x * (16 * 0.5) * 2
 
 
+def test_a_prologue_reading_scalar_math_on_an_input(monkeypatch):
+    """Where the total norm is an input (fxmesh.checks split the graph at its check), the clip coefficient is
+    scalar math on it that the prologue reads too: the prologue computes it as well, and the graph returns
+    the input itself.
+
+    ::
+
+        c = clamp(1.0 / (n + 1e-6), max=1.0);  _foreach_mul_([a, b], c)  ── prologue / lanes
+        a.copy_(a * 2);  b.copy_(b * 2)                                   ── lowered, one piece each
+        return (n,)
+    """
+    monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
+    graph = torch.fx.Graph()
+    a, b, n = graph.placeholder("a"), graph.placeholder("b"), graph.placeholder("n")
+    inverse = graph.call_function(operator.truediv, (1.0, graph.call_function(operator.add, (n, 1e-6))))
+    coef = graph.call_function(torch.clamp, (inverse,), {"max": 1.0})
+    for node in (*inverse.all_input_nodes, inverse, coef):
+        node.meta["example_value"] = torch.tensor(0.0)
+    graph.call_function(torch._foreach_mul_, ([a, b], coef))
+    for x in (a, b):
+        _lowered(graph.call_method("copy_", (x, _lowered(graph.call_function(operator.mul, (x, 2.0))))))
+    graph.output((n,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    compiled = compile_in_pieces(gm, [torch.ones(4), torch.ones(4), torch.tensor(3.0)], _eager)
+    assert compiled is not None
+    assert counters["fxmesh"]["pieces"] == 3 and counters["fxmesh"]["piece_compiles"] == 2
+    a, b, norm = torch.ones(4), torch.full((4,), 3.0), torch.tensor(4.0)
+    (out,) = compiled(a, b, norm)
+    assert out is norm
+    coefficient = 1.0 / (4.0 + 1e-6)
+    torch.testing.assert_close(a, torch.full((4,), 2 * coefficient))
+    torch.testing.assert_close(b, torch.full((4,), 6 * coefficient))
+
+
 def test_an_unrestored_grad_mode_keeps_the_graph_whole(monkeypatch):
     """A graph that leaves grad mode other than it found it cannot drop its ``_set_grad_enabled`` calls."""
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
