@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.fx.experimental.symbolic_shapes import DimDynamic
 
 from fxmesh.capture import install
+from fxmesh.checks import find_check, keeping_grad_mode, split_at_check
 from fxmesh.errors import EagerFallback
 from fxmesh.guards import streamline_dtensor_guards
 from fxmesh.local import HIDE_CACHEABLE, hide_shard_mutations, localize
@@ -117,6 +118,21 @@ class FxmeshBackend:
         counters["fxmesh"]["graphs"] += 1
         if self.streamline_guards:
             counters["fxmesh"]["streamlined_guards"] += streamline_dtensor_guards()
+        return self._compile_graph(gm, example_inputs)
+
+    def _compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """Compile a graph of the frame: in two parts around a host-side check (:mod:`fxmesh.checks`), if it has one."""
+        check = find_check(gm)
+        if check is not None:
+            split = split_at_check(gm, check)
+            if isinstance(split, str):
+                log.warning(
+                    "fxmesh: running this graph eagerly: it cannot be split at %s: %s", check.format_node(), split
+                )
+                counters["fxmesh"]["eager_fallbacks"] += 1
+                return keeping_grad_mode(gm.forward)
+            counters["fxmesh"]["split_at_checks"] += 1
+            return split.compile(example_inputs, self._compile_graph)
         # Read before the passes add nodes.  A step traced without torch.optim's
         # graph breaks (fxmesh.capture) still computes under no_grad; compiled
         # with grad on, AOT would build a training graph that copies the

@@ -137,10 +137,12 @@ _OPTIMIZER_FILE = _OPTIMIZER_STEP_WRAPPER.co_filename
 
 
 # torch.nn.utils functions traced as fxmesh's versions, which defer to torch's
-# own where the gradients sit on one mesh.
+# own where the gradients sit on one mesh; fxmesh's norm traced with its check as
+# a node (fxmesh.checks).
 _CLIP_FUNCTIONS = {
     torch.nn.utils.get_total_norm: clip.torch_get_total_norm,
     torch.nn.utils.clip_grads_with_norm_: clip.torch_clip_grads_with_norm_,
+    clip.get_total_norm: clip.traced_get_total_norm,
 }
 
 

@@ -257,9 +257,10 @@ def _format_report(report: Report) -> str:
         ("extern/fallback calls", report.fallbacks),
         ("graph breaks", f"{breaks} ({expected} from the optimizer base class)" if expected else breaks),
         ("recompiles", report.recompiles),
-        ("graphs on local shards", f"{report.local_shard_graphs} of {report.graphs}"),
-        ("graphs with symbolic sizes", f"{report.symbolic_graphs} of {report.graphs}"),
-        ("graphs made static", f"{report.specialized_graphs} of {report.graphs}"),
+        ("graphs split at a host-side check", report.check_splits),
+        ("graphs on local shards", f"{report.local_shard_graphs} of {report.compiled_graphs}"),
+        ("graphs with symbolic sizes", f"{report.symbolic_graphs} of {report.compiled_graphs}"),
+        ("graphs made static", f"{report.specialized_graphs} of {report.compiled_graphs}"),
         ("pieces (compiled)", f"{report.pieces} ({report.piece_compiles})"),
         ("compile seconds", f"{report.compile_seconds:.2f}"),
     ]

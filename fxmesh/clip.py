@@ -186,6 +186,32 @@ def get_total_norm(
     same on every rank.  ``group`` (a process group or 1-D DeviceMesh) folds in
     the norms held by its other ranks, e.g. the other pipeline stages.
     """
+    total = _norm(tensors, norm_type, foreach, group)
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, float(norm_type))
+    return total
+
+
+def traced_get_total_norm(
+    tensors: torch.Tensor | Iterable[torch.Tensor],
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    group: Group | None = None,
+) -> torch.Tensor:
+    """:func:`get_total_norm` as Dynamo traces it for an fxmesh backend.
+
+    The finiteness check is one ``fxmesh::finite_norm`` node, at which the
+    backend splits the graph (:mod:`fxmesh.checks`), instead of a branch, at
+    which Dynamo would break the graph at the user's call.
+    """
+    total = _norm(tensors, norm_type, foreach, group)
+    return torch.ops.fxmesh.finite_norm(total, float(norm_type)) if error_if_nonfinite else total
+
+
+def _norm(
+    tensors: torch.Tensor | Iterable[torch.Tensor], norm_type: float, foreach: bool | None, group: Group | None
+) -> torch.Tensor:
     tensors = _as_list(tensors)
     norm_type = float(norm_type)
     if not tensors:
@@ -196,13 +222,31 @@ def get_total_norm(
         total = _total_norm(tensors, norm_type, foreach)
         if group is not None:
             total = _fold_group(total, norm_type, group)
-    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+    return total
+
+
+def raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
+    """Raise torch's error for a non-finite total norm (a data-dependent branch: Dynamo breaks the graph here)."""
+    if torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
-    return total
+
+
+# The check traced_get_total_norm records. Run as an op (where no fxmesh backend splits the graph at it),
+# it checks and returns a copy of the norm.
+_LIB.define("finite_norm(Tensor total, float norm_type) -> Tensor")
+
+
+def _finite_norm(total: torch.Tensor, norm_type: float) -> torch.Tensor:
+    raise_if_nonfinite(total, norm_type)
+    return total.clone()
+
+
+_LIB.impl("finite_norm", _finite_norm, "CompositeExplicitAutograd")
+torch.library.register_fake("fxmesh::finite_norm", lambda total, norm_type: torch.empty_like(total), lib=_LIB)
 
 
 def clip_grads_with_norm_(
@@ -280,7 +324,7 @@ def torch_get_total_norm(
     tensors span several meshes (upstream fails there), upstream's own everywhere else."""
     tensors = _as_list(tensors)
     if spans_meshes(tensors):
-        return get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+        return traced_get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     with torch.no_grad():
         return torch.nn.utils.get_total_norm.__wrapped__(tensors, norm_type, error_if_nonfinite, foreach)
 

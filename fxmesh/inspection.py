@@ -155,10 +155,17 @@ class Report:
     # Pieces those graphs run as, and how many of them were compiled (fxmesh.pieces; 0 where none split).
     pieces: int = 0
     piece_compiles: int = 0
+    # Graphs compiled in two parts around a host-side check (clip_grad_norm_'s error_if_nonfinite, fxmesh.checks).
+    check_splits: int = 0
 
     @property
     def fallbacks(self) -> int:
         return sum(self.extern_calls.values())
+
+    @property
+    def compiled_graphs(self) -> int:
+        """The graphs fxmesh compiled: Dynamo's, each split at a check counted as its two parts."""
+        return self.graphs + self.check_splits
 
     def problems(self) -> list[str]:
         """Why the step is not fully compiled; empty when it is."""
@@ -510,6 +517,7 @@ def inspect_step(
         specialized_graphs=counters["fxmesh"]["specialized_graphs"],
         pieces=counters["fxmesh"]["pieces"],
         piece_compiles=counters["fxmesh"]["piece_compiles"],
+        check_splits=counters["fxmesh"]["split_at_checks"],
     )
 
 

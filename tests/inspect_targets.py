@@ -48,6 +48,18 @@ def foreach_adam_step_with_graph_break():
     return step
 
 
+def clip_with_error_if_nonfinite_and_step():
+    params = _params_with_grads()
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+
+    def step() -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+        opt.step()
+        return norm
+
+    return step
+
+
 def step_that_raises():
     def step() -> None:
         raise RuntimeError("the step failed")

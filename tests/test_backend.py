@@ -162,7 +162,7 @@ def test_graphs_with_symbolic_sizes_keep_size_asserts(config_patches):
 def test_dynamic_true_over_dtensors_fails_in_dynamo(meshes, backend):
     """What the README says of ``dynamic=True``: Dynamo's graph reads a parameter before defining it.
 
-    Upstream's bug (torch 2.11-2.14, any backend): this test notices when it is fixed.
+    Upstream's bug (torch 2.11-2.15, any backend): this test notices when it is fixed.
     """
     params = [p for p in dtensor_params(meshes) if p.device_mesh is meshes["dp"]]  # one mesh: upstream's case too
     set_grads([params], 0)

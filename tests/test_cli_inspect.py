@@ -77,6 +77,16 @@ def test_json_clean_fused_step_passes_strict(adamw):
     assert report["problems"] == [] and report["multi_mesh_nodes"] == []
 
 
+def test_split_at_the_nonfinite_check_is_fully_compiled():
+    """clip_grad_norm_(..., error_if_nonfinite=True) + fused AdamW: one Dynamo graph, compiled as two parts
+    around the check, both on the local shards; --strict passes."""
+    out = run_cli("inspect", f"{TARGETS}:clip_with_error_if_nonfinite_and_step", "--strict")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.search(r"^graphs split at a host-side check\s+1$", out.stdout, re.M), out.stdout
+    assert re.search(r"^graphs on local shards\s+2 of 2$", out.stdout, re.M), out.stdout
+    assert "fully compiled" in out.stdout
+
+
 def test_fused_kernels_aten_shows_the_kernel_per_mesh():
     """--fused-kernels aten: aten's kernel called once per mesh, which is compiled as intended (--strict passes)."""
     out = run_cli("inspect", f"{TARGETS}:fused_adamw", "--json", "--strict", "--fused-kernels", "aten")

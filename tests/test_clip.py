@@ -9,6 +9,7 @@ once per module; the tests read its results.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -20,7 +21,18 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 import fxmesh
 from fxmesh import world
-from tests.helpers import FP32_RTOL, assert_rel_close, inductor_output_code, rel_error, shard, titan_clip
+from tests.helpers import (
+    FP32_RTOL,
+    assert_rel_close,
+    assert_same_state,
+    clone_params,
+    dtensor_params,
+    inductor_output_code,
+    rel_error,
+    set_grads,
+    shard,
+    titan_clip,
+)
 
 WORLD_SIZE = 4
 COMPILED_NORM_TYPES = (2.0, 1.0, math.inf, 3.0)
@@ -243,6 +255,100 @@ def test_nonfinite_norm_follows_torch(meshes, error_if_nonfinite):
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.grad.to_local(), r.grad, equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(params[1].grad.to_local()[0, 0])
+
+
+def _snapshot(params, opt) -> list[torch.Tensor]:
+    """Every local tensor a step could change: parameters, gradients, optimizer states (step counts too)."""
+    tensors = [t for p in params for t in (p, p.grad, *opt.state.get(p, {}).values())]
+    return [(t.to_local() if isinstance(t, DTensor) else t).clone() for t in tensors]
+
+
+def _assert_unchanged(before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+    assert len(before) == len(after)
+    for i, (b, a) in enumerate(zip(before, after)):
+        torch.testing.assert_close(
+            a, b, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} changed by a step that raised"
+        )
+
+
+@pytest.mark.parametrize(
+    ("clip", "implementation", "compiler"),
+    [
+        ("torch", "fused", "inductor"),
+        ("torch", "foreach", "aot_eager"),
+        ("fxmesh", "fused", "aot_eager"),
+    ],
+)
+def test_error_if_nonfinite_compiles_with_the_step(meshes, clip, implementation, compiler):
+    """clip_grad_norm_(..., error_if_nonfinite=True) + AdamW across three meshes: one Dynamo graph
+    (fullgraph), compiled in two parts around the check, as eager on the steps with a finite norm
+    (the same clip eagerly, then the same optimizer eagerly); where the norm is infinite it raises
+    torch's error before anything changes (parameters, gradients, states, step counts), and later
+    steps go on as eager's."""
+    params = dtensor_params(meshes)
+    ref = clone_params(params)
+    kwargs = {"fused": True} if implementation == "fused" else {"foreach": True}
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **kwargs)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    clip_grad_norm_ = torch.nn.utils.clip_grad_norm_ if clip == "torch" else fxmesh.clip_grad_norm_
+
+    @torch.compile(backend=fxmesh.backend(compiler=compiler), fullgraph=True)
+    def clip_and_step() -> torch.Tensor:
+        norm = clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+        opt.step()
+        return norm
+
+    nonfinite_step = 2
+    for step in range(5):
+        set_grads([params, ref], seed=step)
+        if step == nonfinite_step:
+            for ps in (params, ref):
+                ps[4].grad.to_local().view(-1)[0] = math.inf
+            before = _snapshot(params, opt)
+            with pytest.raises(RuntimeError, match="non-finite, so it cannot be clipped"):
+                clip_and_step()
+            assert torch.is_grad_enabled(), "the step that raised left grad mode off"
+            with pytest.raises(RuntimeError, match="non-finite, so it cannot be clipped"):
+                fxmesh.clip_grad_norm_(ref, 1.0, error_if_nonfinite=True)
+            _assert_unchanged(before, _snapshot(params, opt))
+            continue
+        norm = clip_and_step()
+        ref_norm = fxmesh.clip_grad_norm_(ref, 1.0, error_if_nonfinite=True)
+        ref_opt.step()
+        assert_rel_close(norm, ref_norm, FP32_RTOL, f"step {step}: norm")
+        assert_same_state(opt, ref_opt)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["fxmesh"]["split_at_checks"] == 1, dict(counters["fxmesh"])
+    assert counters["fxmesh"]["eager_fallbacks"] == 0, dict(counters["fxmesh"])
+
+
+def test_error_if_nonfinite_runs_eagerly_where_the_graph_cannot_be_split(meshes, caplog):
+    """A DTensor computed before the check and used after it cannot cross the split: the graph runs eagerly,
+    with one warning, and still raises before the step changes anything."""
+    params = dtensor_params(meshes)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+
+    @torch.compile(backend=fxmesh.backend(compiler="aot_eager"))
+    def clip_and_step() -> tuple[torch.Tensor, torch.Tensor]:
+        doubled = params[0].grad * 2
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+        opt.step()
+        return norm, doubled
+
+    with caplog.at_level(logging.WARNING, logger="fxmesh"):
+        set_grads([params], seed=0)
+        norm, doubled = clip_and_step()
+        set_grads([params], seed=1)
+        params[4].grad.to_local().view(-1)[0] = math.nan
+        before = _snapshot(params, opt)
+        with pytest.raises(RuntimeError, match="non-finite"):
+            clip_and_step()
+    assert torch.is_grad_enabled(), "the step that raised left grad mode off"
+    _assert_unchanged(before, _snapshot(params, opt))
+    assert torch.isfinite(norm) and isinstance(doubled, DTensor)
+    warnings = [r.getMessage() for r in caplog.records if "cannot be split" in r.getMessage()]
+    assert len(warnings) == 1 and "not a plain tensor" in warnings[0], [r.getMessage() for r in caplog.records]
+    assert counters["fxmesh"]["eager_fallbacks"] == 1
 
 
 def test_tensor_max_norm_is_read_on_every_call(meshes):

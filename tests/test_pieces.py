@@ -403,18 +403,22 @@ IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-
 
 
 @pytest.mark.parametrize(
-    "compiler, implementation",
+    "compiler, implementation, error_if_nonfinite",
     [
-        ("aot_eager", "fused"),
-        ("inductor", "fused"),
-        ("aot_eager", "foreach"),
-        ("inductor", "foreach"),
-        ("aot_eager", "for-loop"),
+        ("aot_eager", "fused", False),
+        ("inductor", "fused", False),
+        ("aot_eager", "foreach", False),
+        ("inductor", "foreach", False),
+        ("aot_eager", "for-loop", False),
+        ("inductor", "fused", True),
+        ("aot_eager", "foreach", True),
     ],
 )
-def test_clip_and_step_compile_in_pieces(dp, ep, compiler, implementation, monkeypatch):
+def test_clip_and_step_compile_in_pieces(dp, ep, compiler, implementation, error_if_nonfinite, monkeypatch):
     """Clipping + AdamW as one graph (the norm reads every gradient) still splits: the norm and the clip
     coefficient are the prologue, each piece scales its gradients by the coefficient and updates its parameters.
+    With ``error_if_nonfinite`` the graph is first split at the check (fxmesh.checks): the norm is a graph of
+    its own, and the clip coefficient, computed from it as an input, is the prologue.
     Against fxmesh's eager clipping and eager AdamW of the same implementation on the same DTensors, over 3
     steps (fp32: 1e-5)."""
     monkeypatch.setattr(pieces_module, "PIECE_NODES", 1)
@@ -425,7 +429,7 @@ def test_clip_and_step_compile_in_pieces(dp, ep, compiler, implementation, monke
 
     @torch.compile(backend=fxmesh.backend(compiler=compiler))
     def clip_and_step():
-        norm = torch.nn.utils.clip_grad_norm_(params, 0.5)
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.5, error_if_nonfinite=error_if_nonfinite)
         opt.step()
         return norm
 
@@ -446,6 +450,7 @@ def test_clip_and_step_compile_in_pieces(dp, ep, compiler, implementation, monke
     # per parameter; the pieces of a shape are alike on both meshes.
     pieces = 1 + (4 if implementation == "fused" else len(params))
     assert counters["fxmesh"]["pieces"] == pieces and counters["fxmesh"]["piece_compiles"] == 3
+    assert counters["fxmesh"]["split_at_checks"] == int(error_if_nonfinite)
 
 
 def test_constants_of_other_types_are_other_computations(monkeypatch):
