@@ -159,11 +159,14 @@ def _recordable(stand_in: Callable[..., Any], op: Callable[..., Any], kind: str)
 # The ops X whose torch._foreach_X (out of place, a torch.X call per entry) and
 # torch._foreach_X_ (in place, a Tensor.X_ call per entry, or torch.X and copy_
 # where Tensor has no X_) fxmesh can compute one entry at a time.
+# All of torch's elementwise foreach ops: not the reductions (norm, max, powsum) or mm.
 PER_ENTRY = frozenset(
     {
-        "abs", "add", "addcdiv", "addcmul", "clamp_max", "clamp_min", "clone", "copy", "div", "exp",
-        "lerp", "maximum", "minimum", "mul", "neg", "pow", "reciprocal", "rsqrt", "sign", "sqrt",
-        "sub", "zero",
+        "abs", "acos", "add", "addcdiv", "addcmul", "asin", "atan", "ceil", "clamp_max", "clamp_min",
+        "clone", "copy", "cos", "cosh", "div", "erf", "erfc", "exp", "expm1", "floor", "frac", "lerp",
+        "lgamma", "log", "log10", "log1p", "log2", "maximum", "minimum", "mul", "neg", "pow",
+        "reciprocal", "round", "rsqrt", "sigmoid", "sign", "sin", "sinh", "sqrt", "sub", "tan", "tanh",
+        "trunc", "zero",
     }
 )  # fmt: skip
 # Whose fourth positional argument (value, or a list of scalars) is keyword-only per entry.
@@ -216,8 +219,8 @@ def foreach_per_entry(op: Callable[..., Any]) -> Callable[..., Any]:
 
     For the foreach ops DTensor has no sharding rule for, which differ between
     torch versions: ``_foreach_copy_`` and ``_foreach_maximum`` with a scalar on
-    every version, ``_foreach_lerp`` with a float weight and ``_foreach_sign``
-    on 2.11-2.12.  Each entry's op has a rule, and plain 0-dim tensors beside a
+    every version, ``_foreach_lerp`` with a float weight, ``_foreach_sign`` and
+    ``_foreach_sigmoid`` on 2.11-2.12.  Each entry's op has a rule, and plain 0-dim tensors beside a
     DTensor are replicated onto its mesh.  Over plain tensors (the local
     shards) it calls ``op`` itself.  Named ``fxmesh.ops.<op>_per_entry`` so FX
     graphs can name it.

@@ -37,6 +37,8 @@ PER_ENTRY_CALLS = {
     "lerp-scalar": (torch._foreach_lerp, lambda a, b, c: (a, b, 0.3)),  # no rule on 2.11-2.12
     "addcmul-scalar-list": (torch._foreach_addcmul, lambda a, b, c: (a, b, c, [0.5, -2.0])),  # none on 2.11-2.13
     "pow-scalar-and-tensor": (torch._foreach_pow, lambda a, b, c: (2.0, a)),  # no rule on 2.11-2.12
+    "sigmoid": (torch._foreach_sigmoid, lambda a, b, c: (a,)),  # no rule on 2.11-2.12
+    "log1p_": (torch._foreach_log1p_, lambda a, b, c: (a,)),
     # These two have rules; they check that keywords pass through and 0-dim plain tensors are replicated.
     "add_-alpha": (torch._foreach_add_, lambda a, b, c: (a, b)),
     "mul_-0-dim-tensor": (torch._foreach_mul_, lambda a, b, c: (a, torch.tensor(0.5))),
@@ -75,5 +77,5 @@ def test_per_entry_stand_ins_run_over_dtensors(meshes, case):
 
 def test_per_entry_stand_in_refuses_an_op_it_has_no_form_for():
     """An op outside fxmesh.ops.PER_ENTRY gets no stand-in (capture then leaves Dynamo's error as it is)."""
-    with pytest.raises(ValueError, match="_foreach_sigmoid"):
-        fxmesh.ops.foreach_per_entry(torch._foreach_sigmoid)
+    with pytest.raises(ValueError, match="_foreach_norm"):
+        fxmesh.ops.foreach_per_entry(torch._foreach_norm)
