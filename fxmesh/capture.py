@@ -57,7 +57,7 @@ And Dynamo makes a tensor's fake ``.grad``
 along with the tensor, and where the gradient holds a view and the tensor
 does not hold a like one (FSDP2's gradients are views of its reduce-scatter
 buffer; ``DTensor.from_local`` returns a view), it gives the gradient symbolic
-sizes even under ``dynamic=False``: all-dynamic ones on torch 2.13-2.14
+sizes even under ``dynamic=False``: all-dynamic ones on torch 2.12-2.15
 (``meta_utils``), the view's base size on 2.11.  On 2.13 those symbols cost
 about 50 ms of tracing per gradient and a Python shape guard on every call
 (``bench/RESULTS.md``, CPU run V), and :mod:`fxmesh.specialize` then had to

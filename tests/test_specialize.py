@@ -136,11 +136,11 @@ class _CountingSymbols(FxmeshBackend):
 @pytest.mark.parametrize("backend", ["fxmesh", "recording"])
 def test_view_gradients_are_traced_with_static_sizes(dp, ep, backend):
     """Gradients that are views of one buffer per mesh, a new buffer each step (FSDP2's): Dynamo gives them
-    symbolic sizes where it makes them with their parameter (all of them on torch 2.13-2.14, the base's size on
+    symbolic sizes where it makes them with their parameter (all of them on torch 2.12-2.15, the base's size on
     2.11), and fxmesh has it make them first, as any input,
     so the graph is static from the start (nothing for ``fxmesh.specialize`` to do) and one graph serves every
     step.  Under another backend Dynamo's own path is unchanged: its graph takes the symbols (upstream's
-    behaviour, torch 2.11-2.14: this test notices when that changes)."""
+    behaviour, torch 2.11-2.15: this test notices when that changes)."""
     g = torch.Generator().manual_seed(0)
     params = [
         torch.nn.Parameter(
