@@ -32,6 +32,9 @@ Variants:
                      across meshes; this is what torchtitan's per-mesh clipping amounts to)
   fxmesh_clip        torch.nn.utils.clip_grad_norm_ + opt.step() compiled with fxmesh as one graph
   fxmesh_clip_whole  the same with fxmesh.backend(pieces=False)
+  eager_clip_checked   eager_clip with error_if_nonfinite=True (reads the norm on the host: a sync)
+  fxmesh_clip_checked  fxmesh_clip with error_if_nonfinite=True: one Dynamo graph, compiled in two
+                     parts around the check, which runs on the host in between (fxmesh.checks)
 
 Workloads (--workload): moe-shard, one rank's shard of a MoE model (200 tensors of 1024x1280,
 262M fp32 params, dense weights on `dp` and experts on `ep`; --scale scales the rows, 0.01 on
@@ -49,8 +52,8 @@ built are reused; with --rounds, the earlier variants stay resident meanwhile), 
 after the first compiled call, peak memory increase over the parameters, grads and states
 (CUDA), kernels launched per step and their summed time with its percent of the floor (CUDA,
 one profiled step: the wall-clock minus this is where the host kept the GPU waiting), and the
-relative error of the parameters after the run against eager_fused's (eager_clip's for
-fxmesh_clip), max |a - e| / max |e| per tensor: every variant takes the same steps with the
+relative error of the parameters after the run against eager_fused's (eager_clip's for the
+other clip variants), max |a - e| / max |e| per tensor: every variant takes the same steps with the
 same gradients.
 
 Examples:
@@ -98,8 +101,10 @@ VARIANTS = (
     "eager_clip",
     "fxmesh_clip",
     "fxmesh_clip_whole",
+    "eager_clip_checked",
+    "fxmesh_clip_checked",
 )
-CLIP_VARIANTS = ("eager_clip", "fxmesh_clip", "fxmesh_clip_whole")
+CLIP_VARIANTS = ("eager_clip", "fxmesh_clip", "fxmesh_clip_whole", "eager_clip_checked", "fxmesh_clip_checked")
 
 # fxmesh.backend options of the fxmesh variants that differ from the default backend by options.
 VARIANT_BACKEND = {
@@ -386,17 +391,18 @@ def main(argv: list[str] | None = None) -> int:
             return torch.compile(optimizer(ps, fused=True).step, backend="fxmesh", options=options), True, ps
         if variant in CLIP_VARIANTS:
             opt = optimizer(ps, fused=True)
-            if variant == "eager_clip":
+            checked = variant.endswith("_checked")
+            if variant.startswith("eager_clip"):
 
                 def clip_and_step():
-                    fxmesh.clip_grad_norm_(ps, 1.0)
+                    fxmesh.clip_grad_norm_(ps, 1.0, error_if_nonfinite=checked)
                     opt.step()
 
                 return clip_and_step, False, ps
 
             @torch.compile(backend=fxmesh.backend(pieces=variant != "fxmesh_clip_whole"))
             def compiled_clip_and_step():
-                torch.nn.utils.clip_grad_norm_(ps, 1.0)
+                torch.nn.utils.clip_grad_norm_(ps, 1.0, error_if_nonfinite=checked)
                 opt.step()
 
             return compiled_clip_and_step, True, ps
@@ -568,9 +574,10 @@ def main(argv: list[str] | None = None) -> int:
             row.speedup = statistics.median(rs)
             if len(rs) > 1 and row.variant != "eager_fused":
                 add_note(row, f"rounds: {min(rs):.2f}-{max(rs):.2f}x eager_fused")
-        if row.variant in CLIP_VARIANTS and row.variant != "eager_clip" and (rs := ratios(row, "eager_clip")):
+        eager_clip = "eager_clip_checked" if row.variant.endswith("_checked") else "eager_clip"
+        if row.variant in CLIP_VARIANTS and row.variant != eager_clip and (rs := ratios(row, eager_clip)):
             rounds = f" (rounds: {min(rs):.2f}-{max(rs):.2f}x)" if len(rs) > 1 else ""
-            add_note(row, f"{statistics.median(rs):.2f}x eager_clip{rounds}")
+            add_note(row, f"{statistics.median(rs):.2f}x {eager_clip}{rounds}")
 
     bandwidth_end = copy_bandwidth(dev, timer)  # the machine's speed may have drifted meanwhile
     if dev == "cuda":

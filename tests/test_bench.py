@@ -98,10 +98,11 @@ def test_optim_step_every_variant(tmp_path):
             assert row["median_ms"] > 0 and row["rel_err"] <= 1e-5, row
         # Kernel counts and times come from a CUDA profile: the CPU run leaves them empty, not zero.
         assert row["kernels"] is None and row["gpu_ms"] is None and row["gpu_floor_pct"] is None, row
-    for name in ("fxmesh", "fxmesh_aten", "fxmesh_clip"):
+    for name in ("fxmesh", "fxmesh_aten", "fxmesh_clip", "fxmesh_clip_checked"):
         assert rows[name]["compile_s"] > 0 and rows[name]["recompiles"] == 0, rows[name]
     assert rows["eager_fused"]["speedup"] == 1.0 and rows["fxmesh_aten"]["rel_err"] == 0, rows
     assert rows["fxmesh_clip"]["note"].endswith("x eager_clip"), rows["fxmesh_clip"]
+    assert rows["fxmesh_clip_checked"]["note"].endswith("x eager_clip_checked"), rows["fxmesh_clip_checked"]
     assert result["clip_floor_ms"] == pytest.approx(result["floor_ms"] * 9 / 7)  # + read and write the grads
     assert result["floor_ms"] > 0 and result["workload"]["numel"] == 3 * 64
     assert "fxmesh" in out.stdout and "x eager_fused" in out.stdout
