@@ -25,7 +25,9 @@
 #             pieces now keep parameters and states static (CPU run U), so only the gradients'
 #             reads should be left there
 #   clip      clipping + step compiled together against eager clipping (GPU run 3: the
-#             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b)
+#             one-graph compile did not finish in 115 s; it compiles in pieces since 1b9fd2b),
+#             and both with error_if_nonfinite=True (CPU run AD: two compiled parts with the
+#             check on the host between them; on a GPU that waits for the norm, as eager does)
 #   foreach   moe-shard with the foreach step, torch.optim's default on CUDA (there Dynamo makes it
 #             capturable): eager foreach, fxmesh_foreach (its foreach calls written per entry and
 #             compiled in pieces since CPU run Z, on CUDA with combo kernels; never timed on a GPU)
@@ -93,7 +95,8 @@ for stage in "${@:-tests overhead1000 moe}"; do
             ;;
         moe) bench moe_shard "${BENCH_TIMEOUT:-230}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
             --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten,fxmesh_cpp_wrapper,fxmesh_cudagraphs,fxmesh_whole ;;
-        clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --variants eager_clip,fxmesh_clip,fxmesh_clip_whole ;;
+        clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard \
+            --variants eager_clip,fxmesh_clip,eager_clip_checked,fxmesh_clip_checked ;;
         overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-200}" --workload overhead --profile \
             --trace-dir "$OUT/traces/overhead1000" --variants eager_fused_plain,eager_fused,fxmesh_aten,fxmesh_aten_cudagraphs ;;
         foreach) bench moe_foreach "${FOREACH_TIMEOUT:-150}" --workload moe-shard \
