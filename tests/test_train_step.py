@@ -273,10 +273,12 @@ def test_symbolic_hyperparameter_a_lowering_does_not_take_runs_eagerly(meshes, c
     assert "fused adamw: lr is a symbolic number" in caplog.text
 
 
-def test_forward_backward_clip_and_step_in_one_compiled_function(meshes):
+@pytest.mark.parametrize("error_if_nonfinite", [False, True], ids=["", "error-if-nonfinite"])
+def test_forward_backward_clip_and_step_in_one_compiled_function(meshes, error_if_nonfinite):
     """A whole train step compiled with fxmesh (forward, backward, clipping across three meshes, the step,
     zero_grad) keeps eager's parameters and states over several steps with fresh inputs. Upstream's graph breaks
-    (``backward()``, ``zero_grad``) stay; the clip and the step compile, and nothing falls back to eager."""
+    (``backward()``, ``zero_grad``) stay; the clip and the step compile, and nothing falls back to eager. With
+    ``error_if_nonfinite`` the clip + step graph is compiled in two parts around the check (fxmesh.checks)."""
     params = dtensor_params(meshes)
     eager_params = clone_params(params)
     make_opt = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, fused=True)  # noqa: E731
@@ -293,7 +295,8 @@ def test_forward_backward_clip_and_step_in_one_compiled_function(meshes):
     def train_step(xs):
         loss = loss_of(params, xs)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 0.5)  # torch's, as a user writes it: fxmesh traces it
+        # torch's, as a user writes it: fxmesh traces it
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.5, error_if_nonfinite=error_if_nonfinite)
         opt.step()
         opt.zero_grad()
         return loss.detach(), norm
@@ -312,6 +315,7 @@ def test_forward_backward_clip_and_step_in_one_compiled_function(meshes):
         assert_same_state(opt, eager_opt)
     assert counters["fxmesh"]["eager_fallbacks"] == 0, dict(counters["fxmesh"])
     assert counters["fxmesh"]["lowered_nodes"] > 0, dict(counters["fxmesh"])
+    assert counters["fxmesh"]["split_at_checks"] == int(error_if_nonfinite), dict(counters["fxmesh"])
 
 
 @pytest.mark.parametrize("zero_grad_compiled", [False, True], ids=["zero-grad-eager", "zero-grad-compiled"])
