@@ -157,6 +157,69 @@ def _check_clip_then_step(meshes) -> dict:
     }
 
 
+def _snapshot(params, opt) -> list[torch.Tensor]:
+    """Every local tensor a step could change: parameters, gradients, optimizer states (step counts too)."""
+    tensors = [t for p in params for t in (p, p.grad, *opt.state.get(p, {}).values())]
+    return [(t.to_local() if isinstance(t, DTensor) else t).clone() for t in tensors]
+
+
+def _assert_unchanged(before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+    assert len(before) == len(after)
+    for i, (b, a) in enumerate(zip(before, after)):
+        torch.testing.assert_close(
+            a, b, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} changed by a step that raised"
+        )
+
+
+def _check_nonfinite_on_one_rank(rank: int, meshes) -> dict:
+    """clip (error_if_nonfinite=True) + fused AdamW compiled; at step 1 only rank 1's shard of one gradient is
+    inf. The norm is all-reduced, so every rank must raise and keep its state; steps 0 and 2 as eager."""
+    params, _ = _problem(meshes, STEP_LAYOUT, seed=3)
+    ref, _ = _problem(meshes, STEP_LAYOUT, seed=3)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, fused=True)
+
+    def train_step():
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+        opt.step()
+        return norm
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(train_step, backend="fxmesh")
+    g = torch.Generator().manual_seed(4)
+    raised, unchanged, param_err = [], True, 0.0
+    for s in range(3):
+        for (mesh, shape, placements), p, r in zip(STEP_LAYOUT, params, ref):
+            grad = torch.randn(shape, generator=g)
+            p.grad = _distribute(grad, meshes, mesh, placements)
+            r.grad = _distribute(grad.clone(), meshes, mesh, placements)
+        if s == 1 and rank == 1:
+            for ps in (params, ref):
+                ps[0].grad.to_local().view(-1)[0] = math.inf
+        before = _snapshot(params, opt)
+        try:
+            step()
+        except RuntimeError as e:
+            raised.append("non-finite" in str(e))
+            after = _snapshot(params, opt)
+            unchanged = unchanged and len(before) == len(after) and all(map(torch.equal, before, after))
+        else:
+            raised.append(False)
+        try:
+            fxmesh.clip_grad_norm_(ref, 1.0, error_if_nonfinite=True)
+        except RuntimeError:
+            continue
+        ref_opt.step()
+        param_err = max(param_err, max(rel_error(_full(p), _full(r)) for p, r in zip(params, ref)))
+    return {
+        "raised": raised,
+        "unchanged": unchanged,
+        "param_err": param_err,
+        "splits": counters["fxmesh"]["split_at_checks"],
+    }
+
+
 def _rank_checks(rank: int, world_size: int) -> dict:
     meshes = _meshes()
     results = {"eager": {}, "compiled": {}}
@@ -169,6 +232,7 @@ def _rank_checks(rank: int, world_size: int) -> dict:
         results["compiled"][norm_type] = _check_clip(compiled, meshes, norm_type)
     results["group"] = {mode: _check_group(rank, meshes, mode == "compiled") for mode in ("eager", "compiled")}
     results["step"] = _check_clip_then_step(meshes)
+    results["nonfinite"] = _check_nonfinite_on_one_rank(rank, meshes)
     return results
 
 
@@ -222,6 +286,18 @@ def test_clip_then_step_is_one_graph(ranks):
         assert scaling and all("lerp" in k for k in scaling), got["kernels"]
 
 
+def test_nonfinite_norm_on_one_rank_raises_on_every_rank(ranks):
+    """An inf in one rank's shard makes the all-reduced norm inf everywhere: the compiled clip + step
+    (error_if_nonfinite=True, one graph split at the check) raises on every rank at that step, before any rank
+    changes a parameter or state, and the steps around it match eager on the unsharded values."""
+    for rank, r in enumerate(ranks):
+        got = r["nonfinite"]
+        assert got["raised"] == [False, True, False], f"rank {rank}: raised at steps {got['raised']}"
+        assert got["unchanged"], f"rank {rank}: the step that raised changed a parameter or state"
+        assert got["param_err"] <= FP32_RTOL, f"rank {rank}: parameters off by {got['param_err']:.2e}"
+        assert got["splits"] == 1, f"rank {rank}: {got['splits']} splits"
+
+
 # Single-process checks under the fake process group (tests/conftest.py): its
 # collectives move no data, so each rank's norm is that of its local shards.
 
@@ -255,20 +331,6 @@ def test_nonfinite_norm_follows_torch(meshes, error_if_nonfinite):
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.grad.to_local(), r.grad, equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(params[1].grad.to_local()[0, 0])
-
-
-def _snapshot(params, opt) -> list[torch.Tensor]:
-    """Every local tensor a step could change: parameters, gradients, optimizer states (step counts too)."""
-    tensors = [t for p in params for t in (p, p.grad, *opt.state.get(p, {}).values())]
-    return [(t.to_local() if isinstance(t, DTensor) else t).clone() for t in tensors]
-
-
-def _assert_unchanged(before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
-    assert len(before) == len(after)
-    for i, (b, a) in enumerate(zip(before, after)):
-        torch.testing.assert_close(
-            a, b, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} changed by a step that raised"
-        )
 
 
 @pytest.mark.parametrize(
