@@ -56,7 +56,9 @@ def specialize_sizes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
         return False
     reals = _real_tensors(gm, example_inputs)
     symbols = {node: free_symbols(_sizes(example_value(node))) for node in reals}
-    symbolic = {node for node, found in symbols.items() if found}
+    # A size whose symbol is already guarded to a number (by this pass, on another part of the frame's
+    # graph: fxmesh.checks) has no free symbol left, but is still a SymInt to every later pass.
+    symbolic = {node for node in reals if any(isinstance(s, torch.SymInt) for s in _sizes(example_value(node)))}
     if not symbolic:
         return False
     # The mode the graph's values were traced under (the context may hold a fresh one for the backend).

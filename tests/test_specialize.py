@@ -115,6 +115,44 @@ def test_a_second_optimizer_of_other_shapes_is_static(dp, views, caplog):
     assert counters["fxmesh"]["lowered_nodes"] == 2
 
 
+def _clip_and_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    opt.step()
+    return norm
+
+
+def test_a_second_optimizer_split_at_the_nonfinite_check_is_static(dp, ep, caplog):
+    """Clip (error_if_nonfinite=True) + fused AdamW over dp and ep, one compiled function for two optimizers of
+    other shapes: the second compile (automatic dynamic shapes) is split at the check (fxmesh.checks), and both
+    parts are made static, although the first part's guards already fixed the symbols the second part's sizes
+    hold; all match eager over 3 steps."""
+    step = torch.compile(_clip_and_step, backend=fxmesh.backend(compiler="aot_eager"))
+    for rows in (2, 3):
+        g = torch.Generator().manual_seed(rows)
+        layout = [(dp, [Shard(0)]), (ep, [Shard(0), Shard(1)]), (dp, [Shard(0)])]
+        fulls = [torch.randn(8 * rows, 8, generator=g) for _ in layout]
+        params, ref = (
+            [torch.nn.Parameter(distribute_tensor(f, m, pl, src_data_rank=None)) for f, (m, pl) in zip(fulls, layout)]
+            for _ in range(2)
+        )
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+        for _ in range(3):
+            for p, r, (m, pl) in zip(params, ref, layout):
+                p.grad = distribute_tensor(torch.randn(p.shape, generator=g), m, pl, src_data_rank=None)
+                r.grad = p.grad.clone()
+            norm = step(params, opt)
+            ref_norm = fxmesh.clip_grad_norm_(ref, 1.0)
+            ref_opt.step()
+            assert_rel_close(norm, ref_norm, FP32_RTOL, f"rows {rows}: norm")
+        for i, (p, r) in enumerate(zip(params, ref)):
+            assert_rel_close(p.to_local(), r.to_local(), FP32_RTOL, f"rows {rows}: parameter {i}")
+    assert "symbolic sizes" not in caplog.text, caplog.text
+    assert counters["fxmesh"]["graphs"] == 2 and counters["fxmesh"]["split_at_checks"] == 2, dict(counters["fxmesh"])
+    assert counters["fxmesh"]["specialized_graphs"] == 2 and counters["fxmesh"]["symbolic_graphs"] == 0
+    assert counters["fxmesh"]["local_shard_graphs"] == 4 and counters["fxmesh"]["eager_fallbacks"] == 0
+
+
 def _shape_env_symbols() -> int:
     shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
     values = getattr(shape_env, "backed_var_to_val", None)  # var_to_val is deprecated
