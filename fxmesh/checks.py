@@ -52,10 +52,13 @@ def find_check(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
 class SplitAtCheck:
     """A graph split at its first check.
 
-    ``before`` takes the graph's inputs and returns the checked value, then
-    the other values ``after`` reads; ``after`` takes the graph's inputs at
-    ``after_inputs``, then those values (the checked value standing for the
-    check's result, which is its input), and returns the graph's outputs.
+    ``before`` takes the graph's inputs and returns the checked value, the
+    other values ``after`` reads (carried), then the values the graph returns
+    as ``before`` computed them; ``after`` takes the graph's inputs at
+    ``after_inputs``, then the carried values (the checked value standing for
+    the check's result, which is its input), and returns the graph's outputs
+    it computes.  ``outputs`` says where each of the graph's outputs comes
+    from: ``("input", i)``, ``("before", i)`` or ``("after", i)``.
     """
 
     def __init__(
@@ -64,6 +67,8 @@ class SplitAtCheck:
         after: torch.fx.GraphModule,
         after_inputs: list[int],
         carried_examples: list[torch.Tensor],
+        output_spec: Any,
+        outputs: dict[torch.fx.Node, tuple[str, int]],
         check: Callable[..., None],
         check_args: tuple[Any, ...],
     ) -> None:
@@ -71,6 +76,8 @@ class SplitAtCheck:
         self.after = after
         self.after_inputs = after_inputs
         self.carried_examples = carried_examples
+        self.output_spec = output_spec
+        self.outputs = outputs
         self.check = check
         self.check_args = check_args
 
@@ -78,12 +85,19 @@ class SplitAtCheck:
         """Compile both parts with ``compile_fn(gm, example_inputs)``; returns the graph's replacement."""
         before = compile_fn(self.before, list(example_inputs))
         after = compile_fn(self.after, [*(example_inputs[i] for i in self.after_inputs), *self.carried_examples])
-        after_inputs, check, check_args = self.after_inputs, self.check, self.check_args
+        after_inputs, carried = self.after_inputs, len(self.carried_examples)
+        check, check_args = self.check, self.check_args
+        spec, outputs = self.output_spec, self.outputs
 
         def run(*args: Any) -> Any:
-            carried = before(*args)
-            check(carried[0], *check_args)
-            return after(*[args[i] for i in after_inputs], *carried)
+            first = before(*args)
+            check(first[0], *check_args)
+            values = {
+                "input": args,
+                "before": first,
+                "after": after(*[args[i] for i in after_inputs], *first[:carried]),
+            }
+            return torch.fx.map_arg(spec, lambda n: values[outputs[n][0]][outputs[n][1]])
 
         return keeping_grad_mode(run)
 
@@ -156,10 +170,19 @@ def split_at_check(gm: torch.fx.GraphModule, check_node: torch.fx.Node) -> Split
             return f"{n.format_node()} is needed after the check and is not a plain tensor made before it"
         return None
 
-    for n in second:
+    output = second[-1]
+    for n in second[:-1]:
         for arg in n.all_input_nodes:
             if (why := classify(arg)) is not None:
                 return why
+    # The graph's outputs: its inputs as they came, what the first part computed (the norm, a value
+    # before the check) as the first part returns it, the rest from the second part.
+    returned = [n for n in dict.fromkeys(output.all_input_nodes) if position[n] < at and n.op != "placeholder"]
+    made_after = [n for n in dict.fromkeys(output.all_input_nodes) if position[n] > at]
+    outputs = {n: ("input", index[n]) for n in output.all_input_nodes if n.op == "placeholder"}
+    outputs.update({n: ("before", len(carried) + i) for i, n in enumerate(returned)})
+    outputs.update({n: ("after", i) for i, n in enumerate(made_after)})
+    outputs[check_node] = ("before", 0)
 
     after = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -184,8 +207,9 @@ def split_at_check(gm: torch.fx.GraphModule, check_node: torch.fx.Node) -> Split
     for n in first:
         if n in copies:
             env[n] = after.node_copy(n, env.__getitem__)
-    for n in second:
+    for n in second[:-1]:
         env[n] = after.node_copy(n, env.__getitem__)
+    after.output(tuple(env[n] for n in made_after))
 
     before = torch.fx.Graph()
     benv: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -195,12 +219,14 @@ def split_at_check(gm: torch.fx.GraphModule, check_node: torch.fx.Node) -> Split
             benv[n]._dynamo_source = getattr(n, "_dynamo_source", None)
     if mode_at_check != entry_mode:
         before.call_function(torch._C._set_grad_enabled, (entry_mode,))
-    before.output(tuple(benv[n] for n in carried))
+    before.output(tuple(benv[n] for n in (*carried, *returned)))
     return SplitAtCheck(
         _module(gm, before),
         _module(gm, after),
         after_inputs,
         [_example_like(n.meta["example_value"]) for n in carried],
+        output.args[0],
+        outputs,
         _check_of(check_node),
         tuple(check_node.args[1:]),
     )

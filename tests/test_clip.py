@@ -384,9 +384,12 @@ def test_error_if_nonfinite_compiles_with_the_step(meshes, clip, implementation,
     assert counters["fxmesh"]["eager_fallbacks"] == 0, dict(counters["fxmesh"])
 
 
-def test_error_if_nonfinite_runs_eagerly_where_the_graph_cannot_be_split(meshes, caplog):
-    """A DTensor computed before the check and used after it cannot cross the split: the graph runs eagerly,
-    with one warning, and still raises before the step changes anything."""
+@pytest.mark.parametrize("read_after", [False, True], ids=["returned", "read-after-the-check"])
+def test_error_if_nonfinite_with_a_dtensor_made_before_the_check(meshes, caplog, read_after):
+    """A DTensor computed before the check and returned as it is comes back from the first part: the graph is
+    still split and compiled. One that the second part reads cannot cross the split: the graph runs eagerly,
+    with one warning. Either way the values are eager's, and a non-finite norm raises before the step changes
+    anything."""
     params = dtensor_params(meshes)
     opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
 
@@ -395,12 +398,12 @@ def test_error_if_nonfinite_runs_eagerly_where_the_graph_cannot_be_split(meshes,
         doubled = params[0].grad * 2
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
         opt.step()
-        return norm, doubled
+        return norm, doubled + 1 if read_after else doubled
 
     with caplog.at_level(logging.WARNING, logger="fxmesh"):
         set_grads([params], seed=0)
         want_norm = fxmesh.get_total_norm([p.grad for p in params])
-        want_doubled = params[0].grad.to_local() * 2
+        want_doubled = params[0].grad.to_local() * 2 + (1 if read_after else 0)
         norm, doubled = clip_and_step()
         set_grads([params], seed=1)
         params[4].grad.to_local().view(-1)[0] = math.nan
@@ -412,8 +415,12 @@ def test_error_if_nonfinite_runs_eagerly_where_the_graph_cannot_be_split(meshes,
     assert_rel_close(norm, want_norm, FP32_RTOL, "norm")
     assert isinstance(doubled, DTensor) and torch.equal(doubled.to_local(), want_doubled)
     warnings = [r.getMessage() for r in caplog.records if "cannot be split" in r.getMessage()]
-    assert len(warnings) == 1 and "not a plain tensor" in warnings[0], [r.getMessage() for r in caplog.records]
-    assert counters["fxmesh"]["eager_fallbacks"] == 1
+    if read_after:
+        assert len(warnings) == 1 and "not a plain tensor" in warnings[0], [r.getMessage() for r in caplog.records]
+        assert counters["fxmesh"]["eager_fallbacks"] == 1
+    else:
+        assert not warnings and counters["fxmesh"]["eager_fallbacks"] == 0, warnings
+        assert counters["fxmesh"]["split_at_checks"] == 1, dict(counters["fxmesh"])
 
 
 def test_tensor_max_norm_is_read_on_every_call(meshes):
