@@ -120,20 +120,26 @@ def _check_group(rank: int, meshes, compiled: bool) -> float:
     return rel_error(norm, torch.linalg.vector_norm(torch.cat(stages)))
 
 
-def _check_clip_then_step(meshes) -> dict:
-    params, _ = _problem(meshes, STEP_LAYOUT, seed=1)
-    ref, _ = _problem(meshes, STEP_LAYOUT, seed=1)
+def _clip_and_step(meshes, seed: int, error_if_nonfinite: bool = False) -> tuple:
+    """Parameters over STEP_LAYOUT and eager copies, a fused AdamW for each, and clip + step over the first
+    compiled with fxmesh (Dynamo reset): ``(params, ref, opt, ref_opt, step)``."""
+    params, _ = _problem(meshes, STEP_LAYOUT, seed=seed)
+    ref, _ = _problem(meshes, STEP_LAYOUT, seed=seed)
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
 
     def train_step():
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=error_if_nonfinite)
         opt.step()
         return norm
 
     torch._dynamo.reset()
     counters.clear()
-    step = torch.compile(train_step, backend="fxmesh")
+    return params, ref, opt, ref_opt, torch.compile(train_step, backend="fxmesh")
+
+
+def _check_clip_then_step(meshes) -> dict:
+    params, ref, _, ref_opt, step = _clip_and_step(meshes, seed=1)
     g = torch.Generator().manual_seed(2)
     norm_err = param_err = 0.0
     with torch._inductor.config.patch(kernel_name_max_ops=1000), inductor_output_code() as codes:
@@ -174,19 +180,7 @@ def _assert_unchanged(before: list[torch.Tensor], after: list[torch.Tensor]) -> 
 def _check_nonfinite_on_one_rank(rank: int, meshes) -> dict:
     """clip (error_if_nonfinite=True) + fused AdamW compiled; at step 1 only rank 1's shard of one gradient is
     inf. The norm is all-reduced, so every rank must raise and keep its state; steps 0 and 2 as eager."""
-    params, _ = _problem(meshes, STEP_LAYOUT, seed=3)
-    ref, _ = _problem(meshes, STEP_LAYOUT, seed=3)
-    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
-    ref_opt = torch.optim.AdamW(ref, lr=1e-2, fused=True)
-
-    def train_step():
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
-        opt.step()
-        return norm
-
-    torch._dynamo.reset()
-    counters.clear()
-    step = torch.compile(train_step, backend="fxmesh")
+    params, ref, opt, ref_opt, step = _clip_and_step(meshes, seed=3, error_if_nonfinite=True)
     g = torch.Generator().manual_seed(4)
     raised, unchanged, param_err = [], True, 0.0
     for s in range(3):
