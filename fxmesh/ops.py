@@ -158,8 +158,8 @@ def _recordable(stand_in: Callable[..., Any], op: Callable[..., Any], kind: str)
 
 # The ops X whose torch._foreach_X (out of place, a torch.X call per entry) and
 # torch._foreach_X_ (in place, a Tensor.X_ call per entry, or torch.X and copy_
-# where Tensor has no X_) fxmesh can compute one entry at a time.
-# All of torch's elementwise foreach ops: not the reductions (norm, max, powsum) or mm.
+# where Tensor has no X_) fxmesh can compute one entry at a time: all of torch's
+# elementwise foreach ops, not the reductions (norm, max, powsum) or mm.
 PER_ENTRY = frozenset(
     {
         "abs", "acos", "add", "addcdiv", "addcmul", "asin", "atan", "ceil", "clamp_max", "clamp_min",
@@ -220,10 +220,10 @@ def foreach_per_entry(op: Callable[..., Any]) -> Callable[..., Any]:
     For the foreach ops DTensor has no sharding rule for, which differ between
     torch versions: ``_foreach_copy_`` and ``_foreach_maximum`` with a scalar on
     every version, ``_foreach_lerp`` with a float weight, ``_foreach_sign`` and
-    ``_foreach_sigmoid`` on 2.11-2.12.  Each entry's op has a rule, and plain 0-dim tensors beside a
-    DTensor are replicated onto its mesh.  Over plain tensors (the local
-    shards) it calls ``op`` itself.  Named ``fxmesh.ops.<op>_per_entry`` so FX
-    graphs can name it.
+    ``_foreach_sigmoid`` on 2.11-2.12.  Each entry's op has a rule, and plain
+    0-dim tensors beside a DTensor are replicated onto its mesh.  Over plain
+    tensors (the local shards) it calls ``op`` itself.  Named
+    ``fxmesh.ops.<op>_per_entry`` so FX graphs can name it.
     """
     name = op.__name__.removeprefix("_foreach_")
     if not has_per_entry_form(name):
