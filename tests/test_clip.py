@@ -338,14 +338,17 @@ def test_nonfinite_norm_follows_torch(meshes, error_if_nonfinite):
 def test_error_if_nonfinite_compiles_with_the_step(meshes, clip, implementation, compiler):
     """clip_grad_norm_(..., error_if_nonfinite=True) + AdamW across three meshes: one Dynamo graph
     (fullgraph), compiled in two parts around the check, as eager on the steps with a finite norm
-    (the same clip eagerly, then the same optimizer eagerly); where the norm is infinite it raises
+    (the same clip eagerly, then eager AdamW of the same arithmetic: fused for the fused step, whose
+    CUDA kernel keeps the betas in float32 and so puts exp_avg_sq 1.3e-5 away from for-loop AdamW's,
+    GPU run 5; for-loop for foreach); where the norm is infinite it raises
     torch's error before anything changes (parameters, gradients, states, step counts), and later
     steps go on as eager's."""
     params = dtensor_params(meshes)
     ref = clone_params(params)
     kwargs = {"fused": True} if implementation == "fused" else {"foreach": True}
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **kwargs)
-    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    ref_kwargs = kwargs if implementation == "fused" else {"foreach": False}
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, **ref_kwargs)
     clip_grad_norm_ = torch.nn.utils.clip_grad_norm_ if clip == "torch" else fxmesh.clip_grad_norm_
 
     @torch.compile(backend=fxmesh.backend(compiler=compiler), fullgraph=True)

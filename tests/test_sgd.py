@@ -94,9 +94,11 @@ def test_sgd_low_precision(meshes, dtype):
     """bf16/fp16 parameters with float32 math, against eager SGD on the local shards.
 
     Against eager *foreach* SGD always, to two ulps: foreach rounds every intermediate to the
-    low-precision type.  Against eager *fused* SGD, whose math fxmesh's matches, exactly, except
-    where its CPU kernel's vectorized loop never stores bf16/fp16 parameters (torch 2.11-2.13,
-    fixed in 2.14; checked below).
+    low-precision type.  Against eager *fused* SGD, whose math fxmesh's matches: exactly on the
+    CPU, except where its CPU kernel's vectorized loop never stores bf16/fp16 parameters (torch
+    2.11-2.13, fixed in 2.14; checked below); to one ulp on CUDA, where Triton and nvcc contract
+    the float32 multiply-adds differently (GPU run 5: a momentum buffer off by 2.7e-9 of its
+    largest element, a low-precision rounding step in one of its small elements).
     """
     p, g = torch.randn(64).to(dtype), torch.randn(64).to(dtype)
     updated = p.to(DEVICE, copy=True)
@@ -121,5 +123,5 @@ def test_sgd_low_precision(meshes, dtype):
             if fused is not None:
                 set_grads([fused.param_groups[0]["params"]], s)
                 fused.step()
-                assert_same_state(opt, fused, rtol=0)
+                assert_same_state(opt, fused, rtol=0 if DEVICE == "cpu" else rtol_for(dtype))
     assert_fully_compiled("\n".join(code), op="_fused_sgd", graphs=2)
