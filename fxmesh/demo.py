@@ -36,7 +36,7 @@ from fxmesh import world
 from fxmesh.clip import clip_grad_norm_
 from fxmesh.meshes import describe_mesh, group_by_mesh, mesh_key
 
-__all__ = ["OPTIMIZERS", "DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["OPTIMIZERS", "RTOL", "TRAINING_RTOL", "DemoConfig", "DemoResult", "run_demo"]
 
 # name -> (eager implementation shown beside the compiled one, constructor).  The
 # compiled copy always uses fused=True; SGD's eager copy is foreach, as upstream
@@ -46,7 +46,16 @@ OPTIMIZERS: dict[str, tuple[str, Callable[..., torch.optim.Optimizer]]] = {
     "adam": ("fused", lambda params, **kw: torch.optim.Adam(params, lr=1e-2, **kw)),
     "sgd": ("foreach", lambda params, **kw: torch.optim.SGD(params, lr=0.05, momentum=0.9, **kw)),
 }
-RTOL = 1e-5  # max |compiled - eager| / max |eager| over all parameters, fp32
+# Bounds on max |compiled - eager| / max |eager| over all parameters after a step, fp32.  The
+# first step starts from the same parameters and gradients, so only the step's arithmetic can
+# differ: RTOL on every device.  Later steps carry any rounding into the next gradients, and
+# Adam, which normalizes each update, moves a parameter by up to lr for a gradient that changed
+# in its last digits.  On the CPU fxmesh's step is eager's arithmetic bit for bit and 30 steps
+# stay within 2e-7, so RTOL holds throughout.  On CUDA Triton's float32 math rounds a few ulps
+# away from the CUDA kernel's (4.2e-7 after the first step, GPU run 5), and 30 steps of training
+# grew that to 1.0e-5, so there the later steps are held to TRAINING_RTOL.
+RTOL = 1e-5
+TRAINING_RTOL = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +96,26 @@ class DemoResult:
         return self.resumed_max_diff == 0.0 and all(r["loss_compiled"] == r["loss_resumed"] for r in self.resumed)
 
     @property
+    def rtol(self) -> float:
+        """The bound on every step's difference from eager (the comment on RTOL says why it depends on the device)."""
+        return RTOL if torch.device(self.config.device).type == "cpu" else TRAINING_RTOL
+
+    def problems(self) -> list[str]:
+        """What keeps the demo from passing: differences over their bounds, an inexact resume, graph breaks."""
+        out = []
+        if self.rows and self.rows[0]["max_diff"] > RTOL:
+            out.append(f"the first compiled step differs from eager by {self.rows[0]['max_diff']:.1e} > {RTOL:.0e}")
+        if self.max_rel_diff > self.rtol:
+            out.append(f"compiled parameters differ from eager by {self.max_rel_diff:.1e} > {self.rtol:.0e}")
+        if not self.resumed_exactly:
+            out.append("the resumed run did not continue exactly")
+        if self.graph_breaks:
+            out.append(f"{self.graph_breaks} graph break(s) between clipping and the step")
+        return out
+
+    @property
     def ok(self) -> bool:
-        return self.max_rel_diff <= RTOL and self.resumed_exactly and self.graph_breaks == 0
+        return not self.problems()
 
 
 class TinyMoE(torch.nn.Module):

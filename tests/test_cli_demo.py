@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fxmesh.demo import DemoConfig
+from fxmesh.demo import RTOL, TRAINING_RTOL, DemoConfig, DemoResult
 
 REPO = Path(__file__).resolve().parents[1]
 # The whole default run: ulp-level differences between eager and compiled show only after some steps.
@@ -61,6 +61,31 @@ def test_demo_on_one_rank():
     assert re.search(r"^ep\(dp_mod_ep=1, ep=1\)\s+dp_mod_ep, ep\s+1x1\s+2\s", out.stdout, re.MULTILINE), out.stdout
     assert "split into 2 per-mesh groups" in out.stdout
     assert "OK: 4 compiled steps matched eager" in out.stdout
+
+
+def _result(device: str, diffs: list[float]) -> DemoResult:
+    rows = [{"loss_eager": 1.0, "loss_compiled": 1.0, "max_diff": d, "norm": 1.0} for d in diffs]
+    return DemoResult(DemoConfig(device=device), rows, [], 0.0, [], 1.0, 1, 0, 2, "fused")
+
+
+@pytest.mark.parametrize(
+    ("device", "diffs", "problem"),
+    [
+        ("cpu", [0.0, 2e-7, 9e-6], None),
+        ("cpu", [0.0, 2e-5], "compiled parameters differ from eager by 2.0e-05 > 1e-05"),
+        ("cuda", [4.2e-7, 1.0e-5, 9.7e-6], None),  # GPU run 5's 30 steps
+        ("cuda", [4.2e-7, 2e-4], "compiled parameters differ from eager by 2.0e-04 > 1e-04"),
+        ("cuda", [2e-5, 2e-5], "the first compiled step differs from eager by 2.0e-05 > 1e-05"),
+    ],
+)
+def test_demo_bounds(device, diffs, problem):
+    """The first step is held to RTOL on every device; later steps to RTOL on the CPU, where fxmesh's step is
+    eager's arithmetic bit for bit, and to TRAINING_RTOL elsewhere, where training grows rounding differences."""
+    assert RTOL < TRAINING_RTOL
+    result = _result(device, diffs)
+    assert result.rtol == (RTOL if device == "cpu" else TRAINING_RTOL)
+    assert result.problems() == ([problem] if problem else [])
+    assert result.ok == (problem is None)
 
 
 @pytest.mark.parametrize(
