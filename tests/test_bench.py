@@ -7,8 +7,10 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
 BENCH = pathlib.Path(__file__).parents[1] / "bench" / "optim_step.py"
 
@@ -64,8 +66,8 @@ def test_optim_step_rounds_out_of_range(rounds):
     assert out.returncode == 2 and f"--rounds must be from 1 to --steps (3), not {rounds}" in out.stderr, out.stderr
 
 
-def _bench_variants() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The bench's VARIANTS and GPU_ONLY, read from the script without running it."""
+def _bench_module():
+    """The bench script as a module, loaded without running it."""
     spec = importlib.util.spec_from_file_location("fxmesh_bench_optim_step", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
@@ -73,7 +75,34 @@ def _bench_variants() -> tuple[tuple[str, ...], tuple[str, ...]]:
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+    return module
+
+
+def _bench_variants() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The bench's VARIANTS and GPU_ONLY."""
+    module = _bench_module()
     return module.VARIANTS, module.GPU_ONLY
+
+
+def test_device_kernels_leave_out_annotations():
+    """The kernel count and GPU time leave out the profiler step's range, which the GPU shows too
+    (GPU run 5 counted it: one kernel and the step's whole span on the GPU too many)."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, device_type, annotation=False):
+        return types.SimpleNamespace(name=name, device_type=device_type, is_user_annotation=annotation)
+
+    events = [
+        event("ProfilerStep#1", cpu, annotation=True),
+        event("ProfilerStep#1", cuda, annotation=True),
+        event("ProfilerStep#1", cuda),  # torch versions that do not flag it
+        event("fxmesh step", cuda, annotation=True),
+        event("triton_poi_fused_0", cuda),
+        event("void at::native::multi_tensor_apply_kernel<...>", cuda),
+        event("aten::_fused_adamw_", cpu),
+    ]
+    kept = _bench_module().device_kernels(events)
+    assert [e.name for e in kept] == ["triton_poi_fused_0", "void at::native::multi_tensor_apply_kernel<...>"]
 
 
 def test_optim_step_every_variant(tmp_path):
