@@ -13,16 +13,19 @@
 #             (lowered; not timed since run 3's 15.5 ms on an H100). Run 5 timed
 #             fxmesh_aten_cudagraphs (4.9 ms, the CUDA-graph trees' Python over 5,000 inputs);
 #             these two are what the fused_kernels default needs (RESULTS, run 5)
-#   moe       the moe-shard benchmark, profiled with traces: fxmesh (pieces, combo kernels),
-#             fxmesh_aten, fxmesh_cpp_wrapper, fxmesh_whole (never reached: run 5's stage ran out
-#             in its compile after fxmesh_cudagraphs, now left out: 3.94 ms there). Run 5: kernels
-#             at 93% of the floor, wall-clock 40% (fxmesh), 55-56% (cpp_wrapper, aten): the host
-#             launches them (about 85 us per launch through Inductor's static launcher)
+#   moe       the moe-shard benchmark, profiled with traces: fxmesh (pieces, combo kernels of at
+#             most 8 parameters: Inductor's cap), fxmesh_foreach (combo kernels of 19: 14 launches
+#             against 46, and faster in run 5's other call; in one process here, that says what
+#             the launch count costs), fxmesh_aten, fxmesh_cpp_wrapper (compile 85 s). Run 5:
+#             kernels at 93% of the floor, wall-clock 40% (fxmesh), 55-56% (cpp_wrapper, aten):
+#             the host launches them. Run 5 also timed fxmesh_cudagraphs (3.94 ms); fxmesh_whole
+#             has never been reached
 #   clip      clipping + step compiled together against eager clipping, and both with
 #             error_if_nonfinite=True, now profiled: run 5 put its kernels at 95% of the floor and
 #             its wall-clock at 1.2-1.3x eager (72-78 launches)
 #   foreach   moe-shard with the foreach step, torch.optim's default on CUDA (there Dynamo makes it
-#             capturable), now profiled: run 5's fastest fxmesh path (3.89 ms, 14 kernels, 99.7%)
+#             capturable), profiled: run 5's fastest fxmesh path (3.89 ms, 14 kernels, 99.7%); the
+#             moe stage now times fxmesh_foreach too
 #   moe_bf16  the same in bf16: eager fused, on plain tensors, fxmesh, fxmesh_aten
 #   fsdp      moe-shard with FSDP2-like gradients (views of a buffer per 8 parameters,
 #             --grad-buffers): eager fused, fxmesh, fxmesh_aten. From torch 2.13 Dynamo traces such
@@ -33,9 +36,9 @@
 #             run 5: 30 steps, 1.0e-5 from eager (within the 1e-4 bound it now has off the CPU), 37 s
 #   probe     which arithmetic this torch's fused CUDA Adam uses (measured in runs 1 and 2)
 # Default: tests overhead1000 moe (stage limits 150 + 200 + 230 s: one device call of about
-# 570 s, timeout_s 595, after a machine start); then `CLIP_TIMEOUT=105 FOREACH_TIMEOUT=95
-# DEMO_TIMEOUT=55 bash bench/device_check.sh clip foreach demo` as a second call while the
-# machine is warm (30 s): run 5's two calls took 568 + 237 s of the 900.  Logs land in $OUT (8
+# 570 s, timeout_s 595, after a machine start); then `CLIP_TIMEOUT=120 BF16_TIMEOUT=80
+# DEMO_TIMEOUT=45 bash bench/device_check.sh clip moe_bf16 demo` as a second call while the
+# machine is warm (30 s), timeout_s 270: run 5's two calls took 568 + 237 s of the 900.  Logs land in $OUT (8
 # files come back at most).
 # Needs pytest-xdist and tabulate (the GPU image has both).  Every stage prints as it goes, so a
 # stage cut off by its timeout still reports what it finished.
@@ -82,7 +85,7 @@ for stage in "${@:-tests overhead1000 moe}"; do
             grep -E "^(FAILED|ERROR|E  )" "$OUT/tests_cuda.log" | head -n 16
             ;;
         moe) bench moe_shard "${BENCH_TIMEOUT:-230}" --workload moe-shard --profile --trace-dir "$OUT/traces/moe" \
-            --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_aten,fxmesh_cpp_wrapper,fxmesh_whole ;;
+            --variants eager_fused,eager_fused_plain,fxmesh,fxmesh_foreach,fxmesh_aten,fxmesh_cpp_wrapper ;;
         clip) bench moe_clip "${CLIP_TIMEOUT:-150}" --workload moe-shard --profile --trace-dir "$OUT/traces/clip" \
             --variants eager_clip,fxmesh_clip,eager_clip_checked,fxmesh_clip_checked ;;
         overhead1000) bench overhead1000 "${OVERHEAD1000_TIMEOUT:-200}" --workload overhead --profile \
