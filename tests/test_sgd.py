@@ -96,9 +96,9 @@ def test_sgd_low_precision(meshes, dtype):
     Against eager *foreach* SGD always, to two ulps: foreach rounds every intermediate to the
     low-precision type.  Against eager *fused* SGD, whose math fxmesh's matches: exactly on the
     CPU, except where its CPU kernel's vectorized loop never stores bf16/fp16 parameters (torch
-    2.11-2.13, fixed in 2.14; checked below); to one ulp on CUDA, where Triton and nvcc contract
-    the float32 multiply-adds differently (GPU run 5: a momentum buffer off by 2.7e-9 of its
-    largest element, a low-precision rounding step in one of its small elements).
+    2.11-2.13, fixed in 2.14; checked below); to one ulp on CUDA, where Triton's and nvcc's
+    float32 arithmetic round differently (GPU run 5: a momentum buffer off by 2.7e-9 of its
+    largest element, one bf16 rounding step in one of its small elements).
     """
     p, g = torch.randn(64).to(dtype), torch.randn(64).to(dtype)
     updated = p.to(DEVICE, copy=True)
