@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # The checks a GPU session runs (results go to bench/RESULTS.md).  Stages, in the order given:
-#   tests     the end-to-end tests on CUDA (combo kernels by default). GPU run 5 (H200): 75 of 99
-#             reached in 150 s on 12 workers (about 24 s per test per worker), 72 passed; the 3
-#             failures were the tests' references (fixed since: test_clip's error_if_nonfinite
-#             case, test_sgd's bf16 case), so the default files now start with those, then what
-#             run 5 did not reach (test_train_step's last cases) and test_foreach and test_pieces,
-#             last run on a GPU in runs 2-3; TEST_FILES picks others. A CUDA error poisons its
-#             worker for every later test (run 4: 89 failures from one), so look for each
-#             worker's first.
+#   tests     the end-to-end tests on CUDA (combo kernels by default): bench/cuda_tests.txt's 75,
+#             most needed first (GPU run 5's 3 failures, all in the tests' references and fixed
+#             since; what it did not reach; foreach, pieces, local shards, last run on a GPU in runs
+#             2-3). Run 5 (H200): 75 tests in 150 s on 12 workers, about 24 s per test per worker.
+#             TEST_FILES picks others. A CUDA error poisons its worker for every later test (run
+#             4: 89 failures from one), so look for each worker's first.
 #   overhead1000  the issue's 1000-tensor workload, profiled: plain eager fused, eager fused (the
 #             reference for the error column), fxmesh_aten (run 5: 11.9 ms, compile 73 s), fxmesh
 #             (lowered; not timed since run 3's 15.5 ms on an H100). Run 5 timed
@@ -73,12 +71,17 @@ for stage in "${@:-tests overhead1000 moe}"; do
             ;;
         tests)
             start=$SECONDS
+            # bench/cuda_tests.txt's selection, or TEST_FILES (files or node ids, space-separated).
+            if [ -n "${TEST_FILES:-}" ]; then
+                read -ra selected <<<"$TEST_FILES"
+            else
+                mapfile -t selected < <(grep -v '^#' bench/cuda_tests.txt | grep .)
+            fi
             # 12 workers, each with 4 Triton compile processes (Inductor's default is one per core);
             # tests spread one by one (setup.cfg's --dist loadfile would keep each file on one worker).
             FXMESH_TEST_DEVICE=cuda TORCHINDUCTOR_COMPILE_THREADS=4 \
                 timeout -s INT -k 20 ${TEST_TIMEOUT:-150} \
-                python3 -m pytest -v -n 12 --dist load -p no:cacheprovider --tb=short \
-                ${TEST_FILES:-tests/test_clip.py tests/test_sgd.py tests/test_train_step.py tests/test_foreach.py tests/test_pieces.py} \
+                python3 -m pytest -v -n 12 --dist load -p no:cacheprovider --tb=short "${selected[@]}" \
                 >"$OUT/tests_cuda.log" 2>&1
             echo "cuda tests: rc=$? in $((SECONDS - start)) s"
             echo "passed $(grep -c ' PASSED ' "$OUT/tests_cuda.log"), failed $(grep -c -E ' (FAILED|ERROR) ' "$OUT/tests_cuda.log")"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -82,6 +83,18 @@ def _bench_variants() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The bench's VARIANTS and GPU_ONLY."""
     module = _bench_module()
     return module.VARIANTS, module.GPU_ONLY
+
+
+def test_cuda_test_selection_names_tests():
+    """Every line of bench/cuda_tests.txt (what a GPU session's tests stage runs) still names a test."""
+    selection = BENCH.parent / "cuda_tests.txt"
+    ids = [line for line in selection.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert ids, selection
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=BENCH.parents[1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    collected = int(re.search(r"(\d+) tests? collected", out.stdout).group(1))
+    assert len(ids) <= collected <= 90, out.stdout[-500:]
 
 
 def test_device_kernels_leave_out_annotations():
