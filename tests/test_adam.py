@@ -19,6 +19,7 @@ from tests.helpers import (
     clone_params,
     dtensor_params,
     grad_scaler_state,
+    param_values,
     set_grads,
     shard,
     without_comments,
@@ -45,12 +46,13 @@ def run_parity(make_opt, params, *, steps=STEPS, none_at=(), before_step=None, g
         set_grads([params, eager_params], s, none_at, views=grad_views)
         if before_step is not None:
             before_step(s, compiled_opt, eager_opt)
+        before = param_values(compiled_opt), param_values(eager_opt)
         eager_opt.step()
         if s == 0:
             _, code = run_and_get_code(step)
         else:
             step()
-        assert_same_state(compiled_opt, eager_opt)
+        assert_same_state(compiled_opt, eager_opt, before=before)
     return compiled_opt, eager_opt, "\n".join(code)
 
 

@@ -25,6 +25,7 @@ from tests.helpers import (
     grad_scaler_state,
     inductor_output_code,
     local,
+    param_values,
     set_grads,
     without_comments,
 )
@@ -54,9 +55,10 @@ def run_exact_parity(
                 before_step(s, compiled_opt, eager_opt)
             versions = [p._version for p in params]
             grad_versions = [(p.grad._version, local(p.grad)._version) for p in params]
+            before = param_values(compiled_opt), param_values(eager_opt)
             eager_opt.step()
             step()
-            assert_same_state(compiled_opt, eager_opt, rtol=0.0)
+            assert_same_state(compiled_opt, eager_opt, rtol=0.0, before=before)
             # Autograd must see the in-place update of every parameter, as after any compiled step (AOT bumps
             # mutated inputs); eager fused's kernel bumps no version counter at all (torch 2.11-2.14 on the CPU).
             # A DTensor's local tensor keeps its counter, as under an eager in-place DTensor op.
@@ -195,9 +197,10 @@ def test_graph_on_dtensors_is_lowered(meshes):
     step = torch.compile(compiled_opt.step, backend=fxmesh.backend(fused_kernels="aten", local_shards=False))
     for s in range(3):
         set_grads([params, eager_params], s)
+        before = param_values(compiled_opt), param_values(eager_opt)
         eager_opt.step()
         step()
-        assert_same_state(compiled_opt, eager_opt)
+        assert_same_state(compiled_opt, eager_opt, before=before)
     assert counters["fxmesh"]["aten_fused_calls"] == 1 and counters["fxmesh"]["lowered_nodes"] == 3
     assert counters["fxmesh"]["local_shard_graphs"] == 0
 
@@ -260,11 +263,12 @@ def test_clip_and_step(dp, ep):
 
     for s in range(3):
         set_grads([params, ref], s)
+        before = param_values(opt), param_values(ref_opt)
         norm = clip_and_step()
         ref_norm = fxmesh.clip_grad_norm_(ref, 0.5)
         ref_opt.step()
         assert_rel_close(norm, ref_norm, FP32_RTOL, f"step {s}: the norm")
-        assert_same_state(opt, ref_opt)
+        assert_same_state(opt, ref_opt, before=before)
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["fxmesh"]["aten_fused_calls"] == 2 and counters["fxmesh"]["lowered_nodes"] == 0
     assert all(isinstance(p, DTensor) for p in params)

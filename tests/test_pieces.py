@@ -20,6 +20,7 @@ from tests.helpers import (
     DEVICE,
     FP32_RTOL,
     assert_rel_close,
+    assert_same_update,
     dtensor_params,
     grads_in_buffers,
     local,
@@ -132,6 +133,7 @@ def _step_and_compare(params, opt, ref_opt, ref, step, steps=3, per_buffer=0) ->
     ``per_buffer``: the local tensors of each ``per_buffer`` gradients in turn are views of one flat
     buffer, as FSDP2's reduce-scatter leaves a module's gradients.
     """
+    initial = [local(r).detach().clone() for r in ref]  # the parameters start alike
     for k in range(steps):
         gen = torch.Generator().manual_seed(100 + k)
         if per_buffer:
@@ -146,6 +148,7 @@ def _step_and_compare(params, opt, ref_opt, ref, step, steps=3, per_buffer=0) ->
         ref_opt.step()
     for i, (p, r) in enumerate(zip(params, ref)):
         assert_rel_close(p.to_local(), r, FP32_RTOL, f"parameter {i}")
+        assert_same_update(initial[i], p, initial[i], r, FP32_RTOL, f"parameter {i}, over every step")
     assert [opt.state[p]["step"].item() for p in params] == [steps] * len(params)
 
 
@@ -273,6 +276,7 @@ def test_local_shards_and_plain_tensors_compile_apart(dp, monkeypatch):
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
     step = torch.compile(opt.step, backend="fxmesh")
+    initial = [local(r).detach().clone() for r in ref]  # the parameters start alike
     for k in range(3):
         for p, r in zip(params, ref):
             r.grad = torch.randn(4, 4, generator=gen).to(DEVICE)
@@ -285,6 +289,7 @@ def test_local_shards_and_plain_tensors_compile_apart(dp, monkeypatch):
             assert moved == (True, not isinstance(p, DTensor)), f"step {k}, parameter {i}: {moved}"
     for i, (p, r) in enumerate(zip(params, ref)):
         assert_rel_close(local(p), r, FP32_RTOL, f"parameter {i}")
+        assert_same_update(initial[i], p, initial[i], r, FP32_RTOL, f"parameter {i}, over every step")
     assert counters["fxmesh"]["pieces"] == 4 and counters["fxmesh"]["piece_compiles"] == 2
 
 
@@ -433,6 +438,7 @@ def test_clip_and_step_compile_in_pieces(dp, ep, compiler, implementation, error
         opt.step()
         return norm
 
+    initial = [local(r).detach().clone() for r in ref]  # the parameters start alike
     for k in range(3):
         gen = torch.Generator().manual_seed(100 + k)
         for p, r in zip(params, ref):
@@ -445,6 +451,7 @@ def test_clip_and_step_compile_in_pieces(dp, ep, compiler, implementation, error
         assert_rel_close(norm, ref_norm, FP32_RTOL, f"step {k}: the norm")
     for i, (p, r) in enumerate(zip(params, ref)):
         assert_rel_close(p.to_local(), r.to_local(), FP32_RTOL, f"parameter {i}")
+        assert_same_update(initial[i], p, initial[i], r, FP32_RTOL, f"parameter {i}, over every step")
     assert counters["stats"]["unique_graphs"] == 1
     # The prologue (norm, coefficient) first; then, fused, one piece per mesh and shape (a scalar table), else one
     # per parameter; the pieces of a shape are alike on both meshes.
@@ -482,6 +489,7 @@ def test_clip_and_step_in_pieces_with_parameters_without_gradients(dp, ep, monke
         opt.step()
         return norm
 
+    initial = [local(r).detach().clone() for r in ref]  # the parameters start alike
     for k in range(3):
         gen = torch.Generator().manual_seed(100 + k)
         for i, (p, r) in enumerate(zip(params, ref)):
@@ -496,6 +504,7 @@ def test_clip_and_step_in_pieces_with_parameters_without_gradients(dp, ep, monke
         assert_rel_close(norm, ref_norm, FP32_RTOL, f"step {k}: the norm")
     for i, (p, r) in enumerate(zip(params, ref)):
         assert_rel_close(p.to_local(), r.to_local(), FP32_RTOL, f"parameter {i}")
+        assert_same_update(initial[i], p, initial[i], r, FP32_RTOL, f"parameter {i}, over every step")
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["fxmesh"]["pieces"] > 1 and counters["fxmesh"]["piece_compiles"] < counters["fxmesh"]["pieces"]
 

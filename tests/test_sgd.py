@@ -19,6 +19,7 @@ from tests.helpers import (
     grad_scaler_state,
     inductor_output_code,
     local,
+    param_values,
     rtol_for,
     set_grads,
 )
@@ -42,9 +43,10 @@ def run_local_parity(make_opt, params, *, steps=STEPS, before_step=None, make_re
             set_grads([params, ref_params], s)
             if before_step is not None:
                 before_step(s, compiled_opt, eager_opt)
+            before = param_values(compiled_opt), param_values(eager_opt)
             eager_opt.step()
             step()
-            assert_same_state(compiled_opt, eager_opt)
+            assert_same_state(compiled_opt, eager_opt, before=before)
     return compiled_opt, eager_opt, "\n".join(code)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fxmesh
-from tests.helpers import DEVICE, assert_same_state, clone_params, dtensor_params, local, set_grads
+from tests.helpers import DEVICE, assert_same_state, clone_params, dtensor_params, local, param_values, set_grads
 from tests.test_sgd import run_local_parity
 
 STEPS = 5
@@ -36,9 +36,10 @@ def _run(meshes, make_opt, before_step=None, fullgraph=False):
         set_grads([params, eager_params], s)
         if before_step is not None:
             before_step(s, opt, eager_opt)
+        before = param_values(opt), param_values(eager_opt)
         train_step()
         eager_opt.step()
-        assert_same_state(opt, eager_opt)
+        assert_same_state(opt, eager_opt, before=before)
     return opt
 
 
@@ -304,6 +305,7 @@ def test_forward_backward_clip_and_step_in_one_compiled_function(meshes, error_i
     for s in range(4):
         g = torch.Generator().manual_seed(100 + s)
         xs = [torch.randn(local(p).shape, generator=g).to(DEVICE) for p in params]
+        before = param_values(opt), param_values(eager_opt)
         loss, norm = train_step(xs)
         eager_loss = loss_of(eager_params, xs)
         eager_loss.backward()
@@ -312,7 +314,7 @@ def test_forward_backward_clip_and_step_in_one_compiled_function(meshes, error_i
         eager_opt.zero_grad()
         assert torch.allclose(loss, eager_loss.detach(), rtol=1e-5), (s, loss, eager_loss)
         assert torch.allclose(local(norm), local(eager_norm), rtol=1e-5), (s, norm, eager_norm)
-        assert_same_state(opt, eager_opt)
+        assert_same_state(opt, eager_opt, before=before)
     assert counters["fxmesh"]["eager_fallbacks"] == 0, dict(counters["fxmesh"])
     assert counters["fxmesh"]["lowered_nodes"] > 0, dict(counters["fxmesh"])
     assert counters["fxmesh"]["split_at_checks"] == int(error_if_nonfinite), dict(counters["fxmesh"])
@@ -350,11 +352,12 @@ def test_gradients_accumulated_in_place_between_steps(meshes, zero_grad_compiled
         accumulate(eager_params, s)
         grads = grads or [p.grad for p in params]
         assert all(p.grad is g for p, g in zip(params, grads)), "zero_grad(set_to_none=False) keeps the gradients"
+        before = param_values(opt), param_values(eager_opt)
         norm = clip_and_step()
         eager_norm = fxmesh.clip_grad_norm_(eager_params, 0.5)  # torch's fails across meshes in eager
         eager_opt.step()
         assert torch.allclose(local(norm), local(eager_norm), rtol=1e-5), (s, norm, eager_norm)
-        assert_same_state(opt, eager_opt)
+        assert_same_state(opt, eager_opt, before=before)
         if not zero_grad_compiled:
             opt.zero_grad(set_to_none=False)
         eager_opt.zero_grad(set_to_none=False)
