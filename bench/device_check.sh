@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks a GPU session runs (results go to bench/RESULTS.md).  Stages, in the order given:
-#   tests     the end-to-end tests on CUDA (combo kernels by default): bench/cuda_tests.txt's 75,
-#             most needed first (GPU run 5's 3 failures, all in the tests' references and fixed
+#   tests     the end-to-end tests on CUDA (combo kernels by default): bench/cuda_tests.txt's 76,
+#             most needed first (Adam and SGD against CUDA's fused kernels with each step's change
+#             compared, new since run 5; run 5's 3 failures, all in the tests' references and fixed
 #             since; what it did not reach; foreach, pieces, local shards, last run on a GPU in runs
 #             2-3). Run 5 (H200): 75 tests in 150 s on 12 workers, about 24 s per test per worker.
 #             TEST_FILES picks others. A CUDA error poisons its worker for every later test (run
