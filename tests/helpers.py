@@ -175,10 +175,15 @@ def assert_same_update(before_c, after_c, before_e, after_e, rtol: float, what: 
 def assert_same_state(compiled_opt, eager_opt, rtol: float | None = None, before=None) -> None:
     """Parameters and every state tensor of two optimizers agree; steps exactly.  With ``before`` (the two
     optimizers' :func:`param_values` from before the step), each parameter's change agrees too."""
+    compared = 0
     for gi, (gc, ge) in enumerate(zip(compiled_opt.param_groups, eager_opt.param_groups)):
         for i, (pc, pe) in enumerate(zip(gc["params"], ge["params"])):
             tol = rtol if rtol is not None else rtol_for(pe.dtype)
             assert_rel_close(pc, pe, tol, f"group {gi} param {i}")
+            if before is not None:
+                before_c, before_e = before[0][compared], before[1][compared]
+                assert_same_update(before_c, pc, before_e, pe, tol, f"group {gi} param {i}")
+            compared += 1
             sc, se = compiled_opt.state.get(pc, {}), eager_opt.state.get(pe, {})
             assert sc.keys() == se.keys(), f"group {gi} param {i}: state keys {sc.keys()} != {se.keys()}"
             for k in se:
@@ -189,14 +194,7 @@ def assert_same_state(compiled_opt, eager_opt, rtol: float | None = None, before
                     assert sc[k].dtype == se[k].dtype and type(sc[k]) is type(se[k])
                 else:
                     assert_rel_close(sc[k], se[k], tol, f"group {gi} param {i} state {k}")
-    if before is not None:
-        before_c, before_e = before
-        params_c = [p for group in compiled_opt.param_groups for p in group["params"]]
-        params_e = [p for group in eager_opt.param_groups for p in group["params"]]
-        assert len(params_c) == len(before_c) == len(params_e) == len(before_e)
-        for i, (bc, pc, be, pe) in enumerate(zip(before_c, params_c, before_e, params_e)):
-            tol = rtol if rtol is not None else rtol_for(pe.dtype)
-            assert_same_update(bc, pc, be, pe, tol, f"param {i}")
+    assert before is None or len(before[0]) == len(before[1]) == compared, "snapshots of other parameters"
 
 
 def titan_clip(params, max_norm: float) -> torch.Tensor:
